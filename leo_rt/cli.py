@@ -1,0 +1,183 @@
+"""`leo-rt`: the command line. Parses arguments into calls of library functions; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .io import RESIZE_POLICY
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations (default: fp32)")
+    p.add_argument("--batch", type=int, default=8, help="frames rendered per call (default: 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leo-rt", description="leo_rt: fast runtime for the LEO / LIA image animator")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reenact", help="animate a source image with the motion of a driving video",
+                       description=f"Animate a source image with a driving video. Inputs that are not S×S are "
+                                   f"{RESIZE_POLICY}.")
+    p.add_argument("--checkpoint", required=True, help="official LIA .pt, leo_rt checkpoint directory or state dict")
+    p.add_argument("--source", required=True, help="source image (PNG/JPEG, any mode)")
+    p.add_argument("--driving", required=True, help="driving video (mp4/mov/webm)")
+    p.add_argument("--out", required=True, help="output .mp4 (H.264), written with the driving video's fps")
+    p.add_argument("--size", type=int, default=None, help="animator size; inferred from the checkpoint by default")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many driving frames")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--relative", dest="relative", action="store_true", default=True,
+                      help="motion relative to the first driving frame, as the published demo (default)")
+    mode.add_argument("--absolute", dest="relative", action="store_false", help="use the driving codes as they are")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="animate an image with random weights, no download needed",
+                       description=f"Builds an animator (random weights unless --checkpoint), animates the shared "
+                                   f"test portrait (or a drawn one) with a short driving clip, writes an mp4 and "
+                                   f"prints a latency table. Inputs that are not S×S are {RESIZE_POLICY}.")
+    p.add_argument("--checkpoint", default=None, help="use real weights instead of random ones")
+    p.add_argument("--preset", default="lia-256", help="animator shape for random weights (default: lia-256)")
+    p.add_argument("--frames", type=int, default=24, help="frames to render (default: 24)")
+    p.add_argument("--out", default="demo.mp4", help="output .mp4 (default: demo.mp4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    _add_common(p)
+
+    p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _progress(total: int | None, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", disable=disable, file=sys.stderr, dynamic_ncols=True)
+
+
+def _run_reenact(animator, source_img, driving, out, fps, args, total, timer) -> int:
+    from .io import VideoWriter
+    from .pipelines import reenact
+
+    bar = _progress(total, getattr(args, "no_progress", False) or not sys.stderr.isatty())
+    with bar, VideoWriter(out, fps) as writer:
+        for frames in reenact(animator, source_img, driving, relative=args.relative, batch=args.batch, timer=timer):
+            with timer.stage("write", len(frames)):
+                writer.write(frames)
+            bar.update(len(frames))
+    return writer.frames
+
+
+def cmd_reenact(args) -> int:
+    from .animator import load_animator
+    from .io import iter_video, load_image, video_info
+    from .pipelines import resolve_device
+    from .timing import StageTimer, keep_heap_memory
+
+    keep_heap_memory()
+    device = resolve_device(args.device)
+    animator = load_animator(args.checkpoint, size=args.size, device=device, dtype=DTYPES[args.dtype])
+    s = animator.size
+    source = load_image(args.source, s)
+    info = video_info(args.driving)
+    total = min(x for x in (info.frames, args.max_frames) if x) if (info.frames or args.max_frames) else None
+    timer = StageTimer(device)
+    t0 = time.perf_counter()
+    n = _run_reenact(animator, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total,
+                     timer)
+    dt = time.perf_counter() - t0
+    print(f"wrote {args.out}: {n} frames at {info.fps:g} fps ({s}×{s}) in {dt:.1f} s — "
+          f"{n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .animator import Animator, load_animator
+    from .io import iter_video, read_image, square_resize, to_model
+    from .pipelines import find_shared_data, resolve_device, synthetic_driving, synthetic_portrait
+    from .timing import StageTimer, keep_heap_memory
+
+    keep_heap_memory()
+    if args.frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {args.frames}")
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+        print(f"weights: {args.checkpoint}")
+    else:
+        animator = Animator.random(args.preset, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
+        print(f"weights: random weights — pass --checkpoint for real output ({args.preset}, seed {args.seed})")
+    load_s = time.perf_counter() - t0
+    s = animator.size
+    data = find_shared_data()
+    fps = 10.0
+    if data is not None:
+        portrait = square_resize(read_image(data / "vox/mona_lisa.png"), s)
+        driving = iter_video(data / "vox/driving1.mp4", s, args.frames)
+        print(f"source: {data / 'vox/mona_lisa.png'}; driving: first {args.frames} frames of "
+              f"{data / 'vox/driving1.mp4'}")
+    else:
+        portrait = synthetic_portrait(s)
+        driving = synthetic_driving(portrait, args.frames)
+        print(f"source: a drawn portrait; driving: a synthetic {args.frames}-frame sway (shared data not found)")
+    timer = StageTimer(device)
+    args.relative, args.no_progress = True, True
+    t1 = time.perf_counter()
+    n = _run_reenact(animator, to_model(portrait), driving, args.out, fps, args, args.frames, timer)
+    dt = time.perf_counter() - t1
+    print(f"wrote {args.out}: {n} frames, {s}×{s}, {args.dtype} on {device}; model built in {load_s:.1f} s")
+    print(timer.table())
+    print(f"end to end: {n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame (batch {args.batch})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import describe_checkpoint
+
+    d = describe_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    p = d["parameters"]
+    print(f"{d['path']}")
+    print(f"  format      {d['format']}")
+    print(f"  size        {d['size']}×{d['size']}  (style dim {d['config']['style_dim']}, motion dim "
+          f"{d['config']['motion_dim']}, channel multiplier {d['config']['channel_multiplier']})")
+    print(f"  parameters  {p['total']:,} (encoder {p['encoder']:,}, decoder {p['decoder']:,})")
+    print(f"  tensors     {d['tensors']} ({', '.join(d['dtypes'])})")
+    if d["extras"]:
+        print(f"  also holds  {', '.join(d['extras'])}")
+    if d["args"]:
+        print("  args        " + ", ".join(f"{k}={v}" for k, v in sorted(d["args"].items())))
+    return 0
+
+
+COMMANDS = {"reenact": cmd_reenact, "demo": cmd_demo, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .io import MediaError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch", 1) < 1:
+        print(f"leo-rt: error: --batch must be at least 1, got {args.batch}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, MediaError, ValueError, FileNotFoundError) as e:
+        print(f"leo-rt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
