@@ -1,8 +1,8 @@
 """leo_rt: a deployment runtime for LEO / LIA image animation.
 
-    animator = leo_rt.load_animator("vox.pt")            # official checkpoint, size inferred
-    source = animator.encode_source(leo_rt.io.load_image("face.png", animator.size))
-    frames = animator.render(source, alpha)              # alpha (N, 20) → (N, 3, S, S) in [-1, 1]
+animator = leo_rt.load_animator("vox.pt")            # official checkpoint, size inferred
+source = animator.encode_source(leo_rt.io.load_image("face.png", animator.size))
+frames = animator.render(source, alpha)              # alpha (N, 20) → (N, 3, S, S) in [-1, 1]
 """
 
 from . import io

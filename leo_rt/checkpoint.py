@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,11 +53,17 @@ def _torch_load(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\.?\n|$)", str(e), re.S)
+        detail = found.group(1).strip() if found else type(e).__name__
+        if "Unsupported global" in detail:
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and argparse.Namespace ({detail}). leo_rt reads "
+                "checkpoints with weights_only=True and never runs arbitrary pickles; if you trust the file, "
+                "re-save its generator state dict with torch.save({'gen': state_dict}, 'clean.pt')"
+            ) from None
         raise CheckpointError(
-            f"{path} holds Python objects other than tensors and argparse.Namespace ({first}). leo_rt reads "
-            "checkpoints with weights_only=True and never runs arbitrary pickles; if you trust the file, re-save "
-            "its generator state dict with torch.save({'gen': state_dict}, 'clean.pt')"
+            f"{path} is not a PyTorch checkpoint leo_rt can read ({detail}); expected an official LIA .pt file, a "
+            "saved state dict, or a leo_rt checkpoint directory"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(
@@ -79,8 +86,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]
 
 
 def _is_state_dict(obj: object) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
@@ -139,7 +148,7 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "gen."):  # DataParallel wrappers, or a whole trainer's state dict
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -157,8 +166,14 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], size: int) -> LIAConf
         enc_top = sd["enc.net_app.convs.0.0.weight"].shape[0]
         dec_top = sd[f"dec.convs.{2 * (size.bit_length() - 4)}.conv.weight"].shape[1]
         base = enc_top * size
-        return LIAConfig(size=size, style_dim=style_dim, motion_dim=motion_dim, channel_cap=cap,
-                         channel_base=base, channel_multiplier=max(1, dec_top // enc_top))
+        return LIAConfig(
+            size=size,
+            style_dim=style_dim,
+            motion_dim=motion_dim,
+            channel_cap=cap,
+            channel_base=base,
+            channel_multiplier=max(1, dec_top // enc_top),
+        )
     except (KeyError, ValueError, IndexError):
         return LIAConfig(size=size)
 
@@ -201,9 +216,9 @@ def build_lia(sd: Mapping[str, torch.Tensor], *, size: int | None = None, config
     if missing or unexpected or shapes:
         lines = [f"the state dict does not fit an LIA animator of size {cfg.size}:"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
+            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing, len(missing))}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected, len(unexpected))}")
         if shapes:
             wrong = [f"{k} {a} vs expected {b}" for k, a, b in shapes]
             lines.append(f"  wrong shapes ({len(shapes)}): " + _fmt(wrong, 4))

@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leo-rt", description="leo_rt: fast runtime for the LEO / LIA image animator")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("reenact", help="animate a source image with the motion of a driving video",
-                       description=f"Animate a source image with a driving video. Inputs that are not S×S are "
-                                   f"{RESIZE_POLICY}.")
+    p = sub.add_parser(
+        "reenact",
+        help="animate a source image with the motion of a driving video",
+        description=f"Animate a source image with a driving video. Inputs that are not S×S are {RESIZE_POLICY}.",
+    )
     p.add_argument("--checkpoint", required=True, help="official LIA .pt, leo_rt checkpoint directory or state dict")
     p.add_argument("--source", required=True, help="source image (PNG/JPEG, any mode)")
     p.add_argument("--driving", required=True, help="driving video (mp4/mov/webm)")
@@ -34,16 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="animator size; inferred from the checkpoint by default")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many driving frames")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--relative", dest="relative", action="store_true", default=True,
-                      help="motion relative to the first driving frame, as the published demo (default)")
+    mode.add_argument(
+        "--relative",
+        dest="relative",
+        action="store_true",
+        default=True,
+        help="motion relative to the first driving frame, as the published demo (default)",
+    )
     mode.add_argument("--absolute", dest="relative", action="store_false", help="use the driving codes as they are")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
 
-    p = sub.add_parser("demo", help="animate an image with random weights, no download needed",
-                       description=f"Builds an animator (random weights unless --checkpoint), animates the shared "
-                                   f"test portrait (or a drawn one) with a short driving clip, writes an mp4 and "
-                                   f"prints a latency table. Inputs that are not S×S are {RESIZE_POLICY}.")
+    p = sub.add_parser(
+        "demo",
+        help="animate an image with random weights, no download needed",
+        description=f"Builds an animator (random weights unless --checkpoint), animates the shared "
+        f"test portrait (or a drawn one) with a short driving clip, writes an mp4 and "
+        f"prints a latency table. Inputs that are not S×S are {RESIZE_POLICY}.",
+    )
     p.add_argument("--checkpoint", default=None, help="use real weights instead of random ones")
     p.add_argument("--preset", default="lia-256", help="animator shape for random weights (default: lia-256)")
     p.add_argument("--frames", type=int, default=24, help="frames to render (default: 24)")
@@ -91,11 +101,14 @@ def cmd_reenact(args) -> int:
     total = min(x for x in (info.frames, args.max_frames) if x) if (info.frames or args.max_frames) else None
     timer = StageTimer(device)
     t0 = time.perf_counter()
-    n = _run_reenact(animator, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total,
-                     timer)
+    n = _run_reenact(
+        animator, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total, timer
+    )
     dt = time.perf_counter() - t0
-    print(f"wrote {args.out}: {n} frames at {info.fps:g} fps ({s}×{s}) in {dt:.1f} s — "
-          f"{n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame")
+    print(
+        f"wrote {args.out}: {n} frames at {info.fps:g} fps ({s}×{s}) in {dt:.1f} s — "
+        f"{n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame"
+    )
     return 0
 
 
@@ -123,8 +136,9 @@ def cmd_demo(args) -> int:
     if data is not None:
         portrait = square_resize(read_image(data / "vox/mona_lisa.png"), s)
         driving = iter_video(data / "vox/driving1.mp4", s, args.frames)
-        print(f"source: {data / 'vox/mona_lisa.png'}; driving: first {args.frames} frames of "
-              f"{data / 'vox/driving1.mp4'}")
+        print(
+            f"source: {data / 'vox/mona_lisa.png'}; driving: first {args.frames} frames of {data / 'vox/driving1.mp4'}"
+        )
     else:
         portrait = synthetic_portrait(s)
         driving = synthetic_driving(portrait, args.frames)
@@ -150,8 +164,10 @@ def cmd_info(args) -> int:
     p = d["parameters"]
     print(f"{d['path']}")
     print(f"  format      {d['format']}")
-    print(f"  size        {d['size']}×{d['size']}  (style dim {d['config']['style_dim']}, motion dim "
-          f"{d['config']['motion_dim']}, channel multiplier {d['config']['channel_multiplier']})")
+    print(
+        f"  size        {d['size']}×{d['size']}  (style dim {d['config']['style_dim']}, motion dim "
+        f"{d['config']['motion_dim']}, channel multiplier {d['config']['channel_multiplier']})"
+    )
     print(f"  parameters  {p['total']:,} (encoder {p['encoder']:,}, decoder {p['decoder']:,})")
     print(f"  tensors     {d['tensors']} ({', '.join(d['dtypes'])})")
     if d["extras"]:

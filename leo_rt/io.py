@@ -71,12 +71,13 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     crop = image[top : top + side, left : left + side]
     if side == size:
         return np.ascontiguousarray(crop)
-    return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def to_model(frames: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) or (N, H, W, 3) → float (N, 3, H, W) in [-1, 1], as the published preprocessing."""
-    t = torch.from_numpy(np.ascontiguousarray(frames))
+    arr = np.ascontiguousarray(frames)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     if t.dim() == 3:
         t = t[None]
     return (t.permute(0, 3, 1, 2).float() / 255.0 - 0.5) * 2.0

@@ -315,7 +315,9 @@ class ToFlow(nn.Module):
             logits = logits + self.upsample(skip)
         flow = torch.tanh(logits[:, 0:2]).permute(0, 2, 3, 1) + grid
         mask = torch.sigmoid(logits[:, 2:3])
-        warped = F.grid_sample(feat, flow, mode="bilinear", padding_mode="zeros", align_corners=False) * mask
+        # 16-bit models: sample with fp32 coordinates (the published code only ran in fp32)
+        sampled = F.grid_sample(feat.to(flow.dtype), flow, mode="bilinear", padding_mode="zeros", align_corners=False)
+        warped = sampled.to(h.dtype) * mask
         return warped, warped + h * (1.0 - mask), logits
 
 

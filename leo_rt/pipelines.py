@@ -94,8 +94,14 @@ def synthetic_driving(image: np.ndarray, frames: int) -> Iterator[np.ndarray]:
     for t in range(frames):
         ph = 2 * math.pi * t / max(frames, 1)
         ang, zoom = 0.08 * math.sin(ph), 1.0 + 0.05 * math.sin(2 * ph)
-        theta = torch.tensor([[[math.cos(ang) / zoom, -math.sin(ang) / zoom, 0.08 * math.sin(ph)],
-                               [math.sin(ang) / zoom, math.cos(ang) / zoom, 0.05 * math.cos(ph)]]])
+        theta = torch.tensor(
+            [
+                [
+                    [math.cos(ang) / zoom, -math.sin(ang) / zoom, 0.08 * math.sin(ph)],
+                    [math.sin(ang) / zoom, math.cos(ang) / zoom, 0.05 * math.cos(ph)],
+                ]
+            ]
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         y = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
         yield ((y[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()

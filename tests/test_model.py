@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DESIGN_STATE_DICT, make_lia, random_images, rel_err
 
+from conftest import DESIGN_STATE_DICT, make_lia, random_images, rel_err
 from leo_rt import Animator
 from leo_rt.kernels.warp import warp_blend
 from leo_rt.model import LIA, LIAConfig, base_grid
@@ -169,8 +169,7 @@ def test_motion_basis_is_householder_qr_not_gram_schmidt():
     assert not np.allclose(q, q_gs, atol=1e-2)
     # the published per-call form uses the same Q
     alpha = torch.randn(3, 20)
-    np.testing.assert_allclose(lia.dec.direction(alpha).double().numpy(), alpha.double().numpy() @ q_house.T,
-                               atol=1e-5)
+    np.testing.assert_allclose(lia.dec.direction(alpha).double().numpy(), alpha.double().numpy() @ q_house.T, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- base grid

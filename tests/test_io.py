@@ -1,0 +1,161 @@
+"""Image and video I/O: odd image modes, the resize policy, real driving videos, mp4 round trips, failures."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from leo_rt.io import (
+    MediaError,
+    VideoWriter,
+    iter_video,
+    load_image,
+    read_image,
+    read_video,
+    square_resize,
+    to_uint8,
+    video_info,
+)
+
+
+def _save(tmp_path, name, im, **kw):
+    p = tmp_path / name
+    im.save(p, **kw)
+    return p
+
+
+def test_grey_and_one_bit_images_become_grey_rgb(tmp_path):
+    p = _save(tmp_path, "g.png", Image.new("L", (5, 4), 100))
+    arr = read_image(p)
+    assert arr.shape == (4, 5, 3) and arr.dtype == np.uint8 and (arr == 100).all()
+    one = Image.new("1", (3, 3), 0)
+    one.putpixel((1, 1), 1)
+    arr = read_image(_save(tmp_path, "b.png", one))
+    assert arr[1, 1].tolist() == [255, 255, 255] and arr[0, 0].tolist() == [0, 0, 0]
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    data = np.array([[0, 257 * 128, 65535]], dtype=np.uint16)
+    im = Image.fromarray(data)
+    assert im.mode.startswith("I")
+    arr = read_image(_save(tmp_path, "g16.png", im))
+    assert arr[0, :, 0].tolist() == [0, 128, 255]
+    assert (arr[..., 0] == arr[..., 2]).all()
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    im = Image.new("RGBA", (2, 1), (10, 20, 30, 255))
+    im.putpixel((1, 0), (200, 0, 0, 0))  # fully transparent: the hidden red must not show
+    arr = read_image(_save(tmp_path, "a.png", im))
+    assert arr[0, 0].tolist() == [10, 20, 30] and arr[0, 1].tolist() == [255, 255, 255]
+    la = Image.new("LA", (1, 1), (0, 128))  # half-transparent black over white
+    assert abs(int(read_image(_save(tmp_path, "la.png", la))[0, 0, 0]) - 127) <= 1
+
+
+def test_palette_images_with_and_without_transparency(tmp_path):
+    p = Image.new("P", (2, 1))
+    p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    p.putpixel((1, 0), 1)
+    arr = read_image(_save(tmp_path, "p.png", p))
+    assert arr[0, 0].tolist() == [255, 0, 0] and arr[0, 1].tolist() == [0, 0, 255]
+    arr = read_image(_save(tmp_path, "pt.png", p, transparency=1))
+    assert arr[0, 1].tolist() == [255, 255, 255]
+
+
+def test_cmyk_jpeg_and_exif_orientation(tmp_path):
+    arr = read_image(_save(tmp_path, "c.jpg", Image.new("CMYK", (4, 4), (0, 0, 0, 0)), quality=95))
+    assert arr.shape == (4, 4, 3) and arr.min() > 240  # no ink is white
+    im = Image.new("RGB", (6, 2), (0, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    arr = read_image(_save(tmp_path, "o.jpg", im, exif=exif))
+    assert arr.shape == (6, 2, 3)
+
+
+def test_resize_policy_center_crops_then_resizes(tmp_path):
+    wide = np.zeros((200, 300, 3), np.uint8)
+    wide[:, :50] = (255, 0, 0)  # left band: cropped away
+    wide[:, 250:] = (0, 0, 255)  # right band: cropped away
+    wide[:, 50:250] = (0, 255, 0)
+    out = square_resize(wide, 64)
+    assert out.shape == (64, 64, 3)
+    assert (out[..., 1] == 255).all() and out[..., 0].max() == 0 and out[..., 2].max() == 0
+    tall = np.zeros((90, 30, 3), np.uint8)
+    tall[30:60] = 200
+    assert (square_resize(tall, 30) == 200).all()
+    x = load_image(_save(tmp_path, "w.png", Image.fromarray(wide)), 64)
+    assert x.shape == (1, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(x[0, 1], torch.ones(64, 64))  # green channel 255 → 1
+
+
+def test_square_input_passes_through_untouched():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert square_resize(img, 32) is img
+
+
+def test_fixed_linear_map_to_uint8():
+    frames = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    assert to_uint8(frames)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255]
+    # no per-clip min-max stretch: a dim clip stays dim
+    assert to_uint8(torch.full((1, 3, 2, 2), -0.5)).max() == 64
+
+
+def _smooth_frames(n, h, w):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack(
+        [np.stack([(xx * 4 + 9 * t) % 256, (yy * 4) % 256, np.full_like(xx, 40 * (t % 5))], -1) for t in range(n)]
+    ).astype(np.uint8)
+
+
+def test_mp4_round_trip_frame_count_fps_and_pixels(tmp_path):
+    frames = _smooth_frames(7, 48, 64)
+    out = tmp_path / "clip.mp4"
+    with VideoWriter(out, fps=12.5) as w:
+        w.write(frames[:3])
+        w.write(torch.from_numpy(frames[3:]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert w.frames == 7
+    back, fps = read_video(out)
+    assert back.shape == (7, 48, 64, 3) and fps == pytest.approx(12.5)
+    assert np.abs(back.astype(int) - frames.astype(int)).mean() < 6  # lossy H.264, but the same pictures
+    info = video_info(out)
+    assert (info.width, info.height, info.frames) == (64, 48, 7)
+    assert list(tmp_path.iterdir()) == [out]  # no temporary left behind
+
+
+def test_failed_write_leaves_no_output(tmp_path):
+    out = tmp_path / "broken.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with VideoWriter(out, fps=10) as w:
+            w.write(_smooth_frames(2, 16, 16))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MediaError, match="even frame sizes"):
+        with VideoWriter(out, fps=10) as w:
+            w.write(np.zeros((1, 15, 16, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(MediaError, match=r"must end in \.mp4"):
+        VideoWriter(tmp_path / "x.avi", fps=10)
+
+
+def test_unreadable_video_gives_clear_error(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    with pytest.raises(MediaError, match="bad.mp4"):
+        list(iter_video(bad))
+    with pytest.raises(MediaError, match="does not exist"):
+        video_info(tmp_path / "nope.mp4")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    with pytest.raises(MediaError):
+        read_video(text)
+
+
+def test_real_driving_video(shared_data):
+    path = shared_data / "vox" / "driving1.mp4"
+    info = video_info(path)
+    assert info.fps == pytest.approx(10.0) and (info.width, info.height) == (256, 256) and info.frames == 652
+    frames, fps = read_video(path, size=128, max_frames=5)
+    assert frames.shape == (5, 128, 128, 3) and fps == pytest.approx(10.0)
+    assert frames.std() > 10  # real picture content
+    src = load_image(shared_data / "vox" / "mona_lisa.png", 256)
+    assert src.shape == (1, 3, 256, 256) and -1 <= src.min() < src.max() <= 1
