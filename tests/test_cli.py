@@ -31,23 +31,14 @@ def assets(tmp_path_factory):
     return d
 
 
+def _reenact_args(assets, out, *extra):
+    return ["reenact", "--checkpoint", str(assets / "tiny.pt"), "--source", str(assets / "source.png"),
+            "--driving", str(assets / "driving.mp4"), "--out", str(out), *extra]  # fmt: skip
+
+
 def test_reenact_end_to_end_matches_the_api(assets, tmp_path, capsys):
     out = tmp_path / "out.mp4"
-    code = main(
-        [
-            "reenact",
-            "--checkpoint",
-            str(assets / "tiny.pt"),
-            "--source",
-            str(assets / "source.png"),
-            "--driving",
-            str(assets / "driving.mp4"),
-            "--out",
-            str(out),
-            "--batch",
-            "4",
-        ]
-    )
+    code = main(_reenact_args(assets, out, "--batch", "4"))
     assert code == 0
     assert "wrote" in capsys.readouterr().out
     video, fps = read_video(out)
@@ -68,20 +59,7 @@ def test_reenact_end_to_end_matches_the_api(assets, tmp_path, capsys):
 
 def test_reenact_options_and_relative_mode(assets, tmp_path):
     out = tmp_path / "abs.mp4"
-    args = [
-        "reenact",
-        "--checkpoint",
-        str(assets / "tiny.pt"),
-        "--source",
-        str(assets / "source.png"),
-        "--driving",
-        str(assets / "driving.mp4"),
-        "--out",
-        str(out),
-        "--max-frames",
-        "3",
-        "--absolute",
-    ]
+    args = _reenact_args(assets, out, "--max-frames", "3", "--absolute")
     assert main(args) == 0
     assert read_video(out)[0].shape[0] == 3
     # relative mode: the first driving frame reproduces the source's own motion code
@@ -101,21 +79,12 @@ def test_reenact_bad_inputs_fail_cleanly(assets, tmp_path, capsys):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all")
     out = tmp_path / "out.mp4"
-    base = [
-        "reenact",
-        "--checkpoint",
-        str(assets / "tiny.pt"),
-        "--source",
-        str(assets / "source.png"),
-        "--out",
-        str(out),
-    ]
-    assert main([*base, "--driving", str(bad)]) == 2
+    assert main([*_reenact_args(assets, out), "--driving", str(bad)]) == 2  # the last --driving wins
     assert "bad.mp4" in capsys.readouterr().err
-    assert main([*base, "--driving", str(assets / "driving.mp4"), "--size", "128"]) == 2
+    assert main(_reenact_args(assets, out, "--size", "128")) == 2
     assert "the keys fit size 64" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main([*base, "--driving", str(assets / "driving.mp4"), "--device", "cuda"]) == 2
+        assert main(_reenact_args(assets, out, "--device", "cuda")) == 2
         assert "--device cpu" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
 
