@@ -185,9 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     from .io import MediaError
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch", 1) < 1:
-        print(f"leo-rt: error: --batch must be at least 1, got {args.batch}", file=sys.stderr)
-        return 2
+    for name in ("batch", "max_frames", "frames"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            print(
+                f"leo-rt {args.command}: error: --{name.replace('_', '-')} must be at least 1, got {value}",
+                file=sys.stderr,
+            )
+            return 2
     try:
         return COMMANDS[args.command](args)
     except (CheckpointError, MediaError, ValueError, FileNotFoundError) as e:

@@ -182,6 +182,9 @@ def _atomic(path: Path):
         raise
 
 
+_MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
+
+
 class VideoWriter:
     """H.264 mp4 writer (libx264, yuv420p). Use as a context manager; frames go to a temporary file that is
     renamed onto `path` when the block exits cleanly and deleted when it raises."""
@@ -190,8 +193,8 @@ class VideoWriter:
         if not fps or fps <= 0:
             raise MediaError(f"fps must be positive, got {fps}")
         self.path = Path(path)
-        if self.path.suffix.lower() not in (".mp4", ".m4v", ".mov"):
-            raise MediaError(f"output {self.path} must end in .mp4 (H.264 in an MP4 container)")
+        if self.path.suffix.lower() not in _MUXERS:
+            raise MediaError(f"output {self.path} must end in .mp4 (H.264 in an MP4 container) or .mov")
         self.fps, self.crf = fps, crf
         self.frames = 0
         self._ctx = self._container = self._stream = None
@@ -202,7 +205,7 @@ class VideoWriter:
         self._ctx = _atomic(self.path)
         tmp = self._ctx.__enter__()
         try:
-            self._container = av.open(tmp, mode="w", format="mp4")
+            self._container = av.open(tmp, mode="w", format=_MUXERS[self.path.suffix.lower()])
         except BaseException:
             self._ctx.__exit__(*sys.exc_info())
             raise

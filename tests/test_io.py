@@ -122,6 +122,28 @@ def test_mp4_round_trip_frame_count_fps_and_pixels(tmp_path):
     assert list(tmp_path.iterdir()) == [out]  # no temporary left behind
 
 
+def test_mov_and_webm_driving_videos(tmp_path):
+    import av
+
+    frames = _smooth_frames(4, 32, 32)
+    with VideoWriter(tmp_path / "clip.mov", fps=24) as w:
+        w.write(frames)
+    back, fps = read_video(tmp_path / "clip.mov")
+    assert back.shape == (4, 32, 32, 3) and fps == pytest.approx(24.0)
+    if "libvpx-vp9" not in av.codecs_available:
+        pytest.skip("this PyAV build has no VP9 encoder to make a webm with")
+    with av.open(str(tmp_path / "clip.webm"), mode="w") as c:
+        st = c.add_stream("libvpx-vp9", rate=8)
+        st.width, st.height, st.pix_fmt = 32, 32, "yuv420p"
+        for f in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    back, fps = read_video(tmp_path / "clip.webm")
+    assert back.shape == (4, 32, 32, 3) and fps == pytest.approx(8.0)
+
+
 def test_failed_write_leaves_no_output(tmp_path):
     out = tmp_path / "broken.mp4"
     with pytest.raises(RuntimeError, match="boom"):
