@@ -10,7 +10,26 @@ from .animator import Animator, load_animator
 from .checkpoint import CheckpointError
 from .fast import SourceState
 from .io import MediaError
+from .lmdm import LMDM, LMDMConfig, load_lmdm, save_lmdm
 from .model import LIA, LIAConfig
+from .motion import MotionSampler, edit, generate, video_codes
 
 __version__ = "0.1.0"
-__all__ = ["LIA", "Animator", "CheckpointError", "LIAConfig", "MediaError", "SourceState", "io", "load_animator"]
+__all__ = [
+    "LIA",
+    "LMDM",
+    "Animator",
+    "CheckpointError",
+    "LIAConfig",
+    "LMDMConfig",
+    "MediaError",
+    "MotionSampler",
+    "SourceState",
+    "edit",
+    "generate",
+    "io",
+    "load_animator",
+    "load_lmdm",
+    "save_lmdm",
+    "video_codes",
+]

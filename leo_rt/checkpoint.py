@@ -85,6 +85,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]
     return sd, cfg
 
 
+def _refuse_other_kinds(cfg_path: Path) -> None:
+    """A leo_rt directory of another kind (an LMDM) passed where an animator belongs: say so."""
+    if not cfg_path.is_file():
+        return
+    try:
+        fmt = json.loads(cfg_path.read_text()).get("format")
+    except (json.JSONDecodeError, AttributeError):
+        return
+    if fmt not in (None, FORMAT_NAME):
+        raise CheckpointError(
+            f"{cfg_path.parent} is a {fmt!r} checkpoint, not an animator; pass the animator (LIA) checkpoint with "
+            "--checkpoint and an LMDM directory with --lmdm"
+        )
+
+
 def _is_state_dict(obj: object) -> bool:
     return (
         isinstance(obj, Mapping)
@@ -109,6 +124,7 @@ def read_checkpoint(source: str | os.PathLike | Mapping) -> tuple[dict[str, torc
         if kind in ("dir", "safetensors"):
             if kind == "dir":
                 cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+                _refuse_other_kinds(cfg_path)
                 if not weights.exists():
                     raise CheckpointError(f"{path} is a directory without {WEIGHTS_FILE}: not a leo_rt checkpoint")
             else:

@@ -61,6 +61,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     _add_common(p)
 
+    p = sub.add_parser("extract-motion", help="motion codes of every frame of some videos, for LMDM training")
+    p.add_argument("--checkpoint", required=True, help="animator checkpoint whose motion encoder is used")
+    p.add_argument("--videos", required=True, nargs="+", help="video files and/or directories (searched recursively)")
+    p.add_argument("--out", required=True, help="output .npz (codes, per-video lengths, fps, names)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+
+    p = sub.add_parser("train-lmdm", help="train a motion diffusion model on extracted codes")
+    p.add_argument("--codes", required=True, help=".npz from `leo-rt extract-motion`")
+    p.add_argument("--out", required=True, help="checkpoint directory (safetensors + config.json + train_state.pt)")
+    p.add_argument("--preset", default="lmdm-small", help="lmdm-tiny, lmdm-small (default) or lmdm-default")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(batch=32)
+
+    for name, helptext in (
+        ("generate", "animate a source image with motion sampled by an LMDM, without end"),
+        ("edit", "content-preserving editing: a video's motion on an edited first frame"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=f"{helptext}. Inputs that are not S×S are {RESIZE_POLICY}.")
+        p.add_argument("--checkpoint", required=True, help="animator checkpoint")
+        p.add_argument("--out", required=True, help="output .mp4")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_common(p)
+    gen = sub.choices["generate"]
+    gen.add_argument("--lmdm", default=None, help="LMDM directory from train-lmdm (default: an untrained LMDM)")
+    gen.add_argument("--source", required=True, help="source image")
+    gen.add_argument("--frames", type=int, required=True, help="frames to generate")
+    gen.add_argument("--fps", type=float, default=25.0, help="frame rate of the output (default: 25)")
+    gen.add_argument("--steps", type=int, default=25, help="denoising steps per chunk (default: 25)")
+    gen.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--overlap", type=int, default=0, help="codes shared by consecutive chunks beyond the first")
+    ed = sub.choices["edit"]
+    ed.add_argument("--video", required=True, help="the original video (motion comes from here)")
+    ed.add_argument("--first-frame", required=True, help="the edited first frame (appearance comes from here)")
+    ed.add_argument(
+        "--relative",
+        action="store_true",
+        help="move the edited frame by the motion since the first frame instead of using the codes as "
+        "they are (absolute, default)",
+    )
+
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -74,16 +123,10 @@ def _progress(total: int | None, disable: bool):
 
 
 def _run_reenact(animator, source_img, driving, out, fps, args, total, timer) -> int:
-    from .io import VideoWriter
     from .pipelines import reenact
 
-    bar = _progress(total, getattr(args, "no_progress", False) or not sys.stderr.isatty())
-    with bar, VideoWriter(out, fps) as writer:
-        for frames in reenact(animator, source_img, driving, relative=args.relative, batch=args.batch, timer=timer):
-            with timer.stage("write", len(frames)):
-                writer.write(frames)
-            bar.update(len(frames))
-    return writer.frames
+    frames = reenact(animator, source_img, driving, relative=args.relative, batch=args.batch, timer=timer)
+    return _write_stream(frames, out, fps, total, args, timer)
 
 
 def cmd_reenact(args) -> int:
@@ -177,7 +220,140 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"reenact": cmd_reenact, "demo": cmd_demo, "info": cmd_info}
+def cmd_extract_motion(args) -> int:
+    from .animator import load_animator
+    from .pipelines import resolve_device
+    from .train import extract_motion, find_videos
+
+    device = resolve_device(args.device)
+    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    videos = find_videos(args.videos)
+    bar = _progress(len(videos), args.no_progress or not sys.stderr.isatty())
+    with bar:
+        data = extract_motion(animator, videos, batch=args.batch, on_video=lambda v, n: bar.update(1))
+    data.save(args.out)
+    print(f"wrote {args.out}: {len(data.codes)} codes from {len(videos)} videos (lengths {data.lengths.tolist()})")
+    return 0
+
+
+def cmd_train_lmdm(args) -> int:
+    from .lmdm import LMDMConfig
+    from .pipelines import resolve_device
+    from .train import MotionCodes, TrainConfig, train_lmdm
+
+    device = resolve_device(args.device)
+    preset = LMDMConfig.from_name(args.preset)
+    data = MotionCodes.load(args.codes, motion_dim=preset.motion_dim)
+    cfg = TrainConfig(
+        steps=args.steps, batch=args.batch, lr=args.lr, ema_decay=args.ema, save_every=args.save_every, seed=args.seed
+    )
+    bar = _progress(args.steps, args.no_progress or not sys.stderr.isatty())
+    last = {}
+
+    def on_step(step, loss):
+        last["loss"] = loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    with bar:
+        train_lmdm(data, args.out, preset=preset, cfg=cfg, device=device, resume=args.resume, on_step=on_step)
+    print(f"wrote {args.out}: {args.preset}, {args.steps} steps, last loss {last.get('loss', float('nan')):.4f}")
+    return 0
+
+
+def _write_stream(frames_iter, out, fps, total, args, timer) -> int:
+    from .io import VideoWriter
+
+    bar = _progress(total, getattr(args, "no_progress", False) or not sys.stderr.isatty())
+    with bar, VideoWriter(out, fps) as writer:
+        for frames in frames_iter:
+            with timer.stage("write", len(frames)):
+                writer.write(frames)
+            bar.update(len(frames))
+    return writer.frames
+
+
+def cmd_generate(args) -> int:
+    from .animator import load_animator
+    from .io import load_image
+    from .lmdm import LMDM, LMDMConfig, load_lmdm
+    from .motion import MotionSampler, generate
+    from .pipelines import resolve_device
+    from .timing import StageTimer, keep_heap_memory
+
+    keep_heap_memory()
+    device = resolve_device(args.device)
+    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    if args.lmdm:
+        lmdm = load_lmdm(args.lmdm, device=device)
+    else:
+        lmdm = LMDM(LMDMConfig.from_name("lmdm-small")).to(device)
+        print(
+            "lmdm: none given — using an UNTRAINED LMDM (lmdm-small, random weights); the motion is noise. "
+            "Train one with `leo-rt train-lmdm` and pass --lmdm"
+        )
+    sampler = MotionSampler(lmdm, args.sampler, args.steps)
+    timer = StageTimer(device)
+    t0 = time.perf_counter()
+    frames = generate(
+        animator,
+        sampler,
+        load_image(args.source, animator.size),
+        args.frames,
+        overlap=args.overlap,
+        seed=args.seed,
+        batch=args.batch,
+        timer=timer,
+    )
+    n = _write_stream(frames, args.out, args.fps, args.frames, args, timer)
+    dt = time.perf_counter() - t0
+    print(
+        f"wrote {args.out}: {n} frames at {args.fps:g} fps in {dt:.1f} s — {n / dt:.2f} frames/s "
+        f"({args.sampler}, {args.steps} steps, chunk {lmdm.cfg.chunk}, overlap {args.overlap})"
+    )
+    print(timer.table())
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .animator import load_animator
+    from .io import iter_video, load_image, video_info
+    from .motion import edit, video_codes
+    from .pipelines import resolve_device
+    from .timing import StageTimer, keep_heap_memory
+
+    keep_heap_memory()
+    device = resolve_device(args.device)
+    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    info = video_info(args.video)
+    timer = StageTimer(device)
+    with timer.stage("motion"):
+        codes = video_codes(animator, iter_video(args.video, animator.size), args.batch)
+    frames = edit(
+        animator,
+        codes,
+        load_image(args.first_frame, animator.size),
+        relative=args.relative,
+        batch=args.batch,
+        timer=timer,
+    )
+    n = _write_stream(frames, args.out, info.fps, len(codes), args, timer)
+    print(
+        f"wrote {args.out}: {n} frames at {info.fps:g} fps, motion of {args.video}, appearance of "
+        f"{args.first_frame} ({'relative' if args.relative else 'absolute'} mode)"
+    )
+    return 0
+
+
+COMMANDS = {
+    "reenact": cmd_reenact,
+    "demo": cmd_demo,
+    "info": cmd_info,
+    "extract-motion": cmd_extract_motion,
+    "train-lmdm": cmd_train_lmdm,
+    "generate": cmd_generate,
+    "edit": cmd_edit,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from .io import MediaError
 
     args = build_parser().parse_args(argv)
-    for name in ("batch", "max_frames", "frames"):
+    for name in ("batch", "max_frames", "frames", "steps", "save_every"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             print(
