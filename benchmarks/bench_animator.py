@@ -58,8 +58,8 @@ def timed_pair(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-def bench_case(size: int, batch: int, dtype: torch.dtype, repeats: int, peak: float) -> dict:
-    anim = Animator.random(LIAConfig.from_name(f"lia-{size}"), seed=0, dtype=dtype)
+def bench_case(size: int, batch: int, dtype: torch.dtype, repeats: int, peak: float, suffix: str = "") -> dict:
+    anim = Animator.random(LIAConfig.from_name(f"lia-{size}{suffix}"), seed=0, dtype=dtype)
     lia = anim.reference
     gen = torch.Generator().manual_seed(0)
     src = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(dtype)
@@ -113,6 +113,7 @@ def bench_case(size: int, batch: int, dtype: torch.dtype, repeats: int, peak: fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,256")
+    ap.add_argument("--tiny", action="store_true", help="reduced-width presets (a smoke run, not a measurement)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto", help="also run bf16 (auto: if supported)")
@@ -147,7 +148,14 @@ def main() -> None:
     for dtype in dtypes:
         for size in map(int, args.sizes.split(",")):
             for batch in map(int, args.batches.split(",")):
-                r = bench_case(size, batch, dtype, args.repeats, peak if dtype == torch.float32 else peak_bf16)
+                r = bench_case(
+                    size,
+                    batch,
+                    dtype,
+                    args.repeats,
+                    peak if dtype == torch.float32 else peak_bf16,
+                    "-tiny" if args.tiny else "",
+                )
                 rows.append(r)
                 print(
                     f"{size:>4} {batch:>2} {r['dtype']:>8} | {r['reenact_published_s']:>10.3f}s "

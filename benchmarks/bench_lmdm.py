@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--samplers", default="ddim,dpm++,ddpm")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=256, help="animator size for the end-to-end run (0: skip it)")
+    ap.add_argument("--tiny", action="store_true", help="reduced-width animator (a smoke run, not a measurement)")
     ap.add_argument("--frames", type=int, default=64)
     ap.add_argument("--e2e-steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=8)
@@ -62,7 +63,7 @@ def main() -> None:
             print(f"{name:>7} {steps:>5} | {t:>8.3f} {1e3 * t / steps:>8.1f} {cfg.chunk / t:>8.1f}", flush=True)
     e2e = None
     if args.size:
-        anim = Animator.random(f"lia-{args.size}", seed=0)
+        anim = Animator.random(f"lia-{args.size}" + ("-tiny" if args.tiny else ""), seed=0)
         sampler = MotionSampler(model, "ddim", args.e2e_steps)
         source = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
         list(generate(anim, sampler, source, 2, batch=args.batch))  # warm-up

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=25, help="denoising steps per chunk (default: 25)")
     gen.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chunk", type=int, default=None, help="codes per chunk (default: the LMDM's trained length)")
     gen.add_argument("--overlap", type=int, default=0, help="codes shared by consecutive chunks beyond the first")
     ed = sub.choices["edit"]
     ed.add_argument("--video", required=True, help="the original video (motion comes from here)")
@@ -292,7 +293,7 @@ def cmd_generate(args) -> int:
             "lmdm: none given — using an UNTRAINED LMDM (lmdm-small, random weights); the motion is noise. "
             "Train one with `leo-rt train-lmdm` and pass --lmdm"
         )
-    sampler = MotionSampler(lmdm, args.sampler, args.steps)
+    sampler = MotionSampler(lmdm, args.sampler, args.steps, chunk=args.chunk)
     timer = StageTimer(device)
     t0 = time.perf_counter()
     frames = generate(
@@ -309,7 +310,7 @@ def cmd_generate(args) -> int:
     dt = time.perf_counter() - t0
     print(
         f"wrote {args.out}: {n} frames at {args.fps:g} fps in {dt:.1f} s — {n / dt:.2f} frames/s "
-        f"({args.sampler}, {args.steps} steps, chunk {lmdm.cfg.chunk}, overlap {args.overlap})"
+        f"({args.sampler}, {args.steps} steps, chunk {sampler.chunk}, overlap {args.overlap})"
     )
     print(timer.table())
     return 0

@@ -25,9 +25,23 @@ class MotionSampler:
     """Samples chunks of motion codes from an LMDM with one of the schedulers ('ddim', 'dpm++', 'ddpm')."""
 
     def __init__(
-        self, model: LMDM, sampler: str = "ddim", steps: int = 25, eta: float = 0.0, clip_sample: float | None = 4.0
+        self,
+        model: LMDM,
+        sampler: str = "ddim",
+        steps: int = 25,
+        eta: float = 0.0,
+        clip_sample: float | None = 4.0,
+        chunk: int | None = None,
     ):
+        """chunk: codes per sampled chunk, at most the trained chunk length and a multiple of the U-Net's stride
+        (default: the trained length). clip_sample clamps x̂_0 to ±that many data standard deviations."""
         cfg = model.cfg
+        stride = 2 ** (len(cfg.channel_mults) - 1)
+        self.chunk = cfg.chunk if chunk is None else chunk
+        if not (2 <= self.chunk <= cfg.chunk and self.chunk % stride == 0):
+            raise ValueError(
+                f"chunk must be a multiple of {stride} between {stride} and the trained {cfg.chunk}, got {self.chunk}"
+            )
         self.model = model.eval()
         self.scheduler = make_scheduler(
             sampler,
@@ -40,10 +54,6 @@ class MotionSampler:
             clip_sample=clip_sample,
         )
         self.scheduler.set_timesteps(steps)
-
-    @property
-    def chunk(self) -> int:
-        return self.model.cfg.chunk
 
     @torch.no_grad()
     def sample_chunk(self, known: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -75,7 +85,7 @@ class MotionSampler:
             prev = sched.prev_timestep(int(t))
             x[:, :k] = x0_known if prev < 0 else sched.add_noise(x0_known, eps[:, :k], prev)
         x[:, :k] = x0_known
-        return alpha_1[:, None] + x * m.data_std
+        return alpha_1[:, None] + x * m.data_std[: self.chunk]
 
     def stream(
         self, alpha_start: torch.Tensor, n_codes: int | None = None, overlap: int = 0, seed: int | None = None

@@ -119,6 +119,8 @@ def test_extract_train_generate(assets, tmp_path, capsys):
                 "12",
                 "--overlap",
                 "2",
+                "--chunk",
+                "8",
             ]
         )
         == 0
