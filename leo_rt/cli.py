@@ -14,9 +14,10 @@ from .io import RESIZE_POLICY
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations (default: fp32)")
+def _add_common(p: argparse.ArgumentParser, device: str = "cpu", dtype: bool = True) -> None:
+    p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N or auto (default: {device})")
+    if dtype:
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="animator precision (default: fp32)")
     p.add_argument("--batch", type=int, default=8, help="frames rendered per call (default: 8)")
 
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(p)
+    _add_common(p, device="auto", dtype=False)  # trains in fp32, on CUDA when there is one
     p.set_defaults(batch=32)
 
     for name, helptext in (

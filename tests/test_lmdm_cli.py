@@ -177,6 +177,9 @@ def test_edit_round_trip_equals_absolute_reenactment(assets, tmp_path):
     reenacted = torch.cat(list(reenact(anim, first, frames, relative=False, batch=8)))
     assert edited.shape == (20, 3, 32, 32)
     assert rel_err(edited, reenacted) < 1e-6
+    # relative mode with the unedited first frame moves it by codes − codes[0] from its own code: the same frames
+    relative = torch.cat(list(edit(anim, codes, first, relative=True, batch=8)))
+    assert rel_err(relative, edited) < 1e-4
     # the CLI: appearance from the edited frame, fps from the video
     out = tmp_path / "edit.mp4"
     Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "edited.png")
