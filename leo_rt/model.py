@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .kernels.warp import base_grid
+
 SQRT2 = math.sqrt(2.0)
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 
@@ -290,15 +292,6 @@ class ToRGB(nn.Module):
         return out if skip is None else out + self.upsample(skip)
 
 
-def base_grid(r: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(1, r, r, 2) grid with x_i = -1 + 2i/(r-1) along width ([..., 0]) and y along height ([..., 1]).
-    These are the values of linspace(-1, 1, r), built with arange so exporters keep sizes symbolic; with
-    align_corners=False they are not pixel centres (a zero flow is not the identity warp), as published."""
-    xs = torch.arange(r, device=device, dtype=torch.float64) * (2.0 / (r - 1)) - 1.0
-    gy, gx = torch.meshgrid(xs, xs, indexing="ij")
-    return torch.stack([gx, gy], dim=-1).unsqueeze(0).float().to(dtype)  # the published fp32 values
-
-
 class ToFlow(nn.Module):
     def __init__(self, cin: int, style_dim: int):
         super().__init__()
@@ -309,7 +302,7 @@ class ToFlow(nn.Module):
     def forward(self, h, z, feat, skip=None):
         """Returns (f̃, h', L): masked warped source features, blended decoder features, flow/mask logits."""
         logits = self.conv(h, z) + self.bias
-        grid = base_grid(h.shape[2], h.device).expand(h.shape[0], -1, -1, -1)  # rebuilt every call, as published
+        grid = base_grid(h.shape[2], h.shape[3], device=h.device).expand(h.shape[0], -1, -1, -1)  # every call
         grid = grid.to(torch.promote_types(h.dtype, torch.float32))
         if skip is not None:
             logits = logits + self.upsample(skip)
