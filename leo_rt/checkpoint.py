@@ -16,12 +16,12 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from .files import save_checkpoint_dir
 from .model import LIA, LIAConfig
 
 FORMAT_NAME = "leo_rt.animator"
@@ -251,28 +251,12 @@ def build_lia(sd: Mapping[str, torch.Tensor], *, size: int | None = None, config
 def save_lia(model: LIA, path: str | os.PathLike) -> Path:
     """Write leo_rt's format: directory `path` with model.safetensors + config.json, each written to a temporary
     file and renamed, so a failure leaves no half-written checkpoint."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory; leo_rt checkpoints are directories")
-    path.mkdir(parents=True, exist_ok=True)
     cfg = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.cfg.to_dict()}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {_META_KEY: json.dumps(model.cfg.to_dict()), "format": FORMAT_NAME}
-    for name, write in (
-        (WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=meta)),
-        (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=path)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path
+    return save_checkpoint_dir(path, model.state_dict(), cfg, meta, WEIGHTS_FILE, CONFIG_FILE)
 
 
 def describe_checkpoint(source: str | os.PathLike) -> dict:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import atomic_path
 
 RESIZE_POLICY = "center-crop to a square, then bicubic resize to SIZE×SIZE (never stretched)"
 
@@ -99,7 +99,7 @@ def save_image(path: str | os.PathLike, frame: torch.Tensor) -> Path:
     from PIL import Image
 
     arr = to_uint8(frame[None] if frame.dim() == 3 else frame)[0]
-    with _atomic(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
     return Path(path)
 
@@ -168,20 +168,6 @@ def read_video(path: str | os.PathLike, size: int | None = None, max_frames: int
     return np.stack(list(iter_video(path, size, max_frames))), info.fps
 
 
-@contextmanager
-def _atomic(path: Path):
-    """Yield a temporary path next to `path` (same suffix); rename onto `path` on success, delete on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
 
 
@@ -202,7 +188,7 @@ class VideoWriter:
     def __enter__(self) -> VideoWriter:
         import av
 
-        self._ctx = _atomic(self.path)
+        self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
         try:
             self._container = av.open(tmp, mode="w", format=_MUXERS[self.path.suffix.lower()])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -240,27 +239,10 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 def save_lmdm(model: LMDM, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Directory with model.safetensors + config.json, each written to a temporary file and renamed."""
-    from safetensors.torch import save_file
+    from .files import save_checkpoint_dir
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; LMDM checkpoints are directories")
-    path.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "version": 1, "config": model.cfg.to_dict(), **(extra or {})}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for name, write in (
-        (WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": FORMAT_NAME})),
-        (CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=path)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return path
+    return save_checkpoint_dir(path, model.state_dict(), meta, {"format": FORMAT_NAME}, WEIGHTS_FILE, CONFIG_FILE)
 
 
 def load_lmdm(path: str | os.PathLike, *, device="cpu", dtype=torch.float32) -> LMDM:

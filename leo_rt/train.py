@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .animator import Animator
+from .files import atomic_path
 from .io import iter_video, video_info
 from .lmdm import LMDM, LMDMConfig, load_lmdm, save_lmdm
 from .motion import video_codes
@@ -37,10 +37,7 @@ class MotionCodes:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             np.savez(
                 tmp,
                 codes=self.codes.astype(np.float32),
@@ -48,10 +45,6 @@ class MotionCodes:
                 fps=self.fps.astype(np.float64),
                 names=np.array(self.names),
             )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
@@ -246,11 +239,5 @@ def _checkpoint(out_dir: Path, model: LMDM, ema: LMDM, opt, step: int, gen: torc
         "optim": opt.state_dict(),
         "rng": gen.get_state(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".partial", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_path(out_dir / STATE_FILE) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, out_dir / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -56,46 +56,10 @@ def test_extract_train_generate(assets, tmp_path, capsys):
     assert torch.allclose(torch.from_numpy(data.videos()[0]), direct, atol=1e-5)  # batching does not matter
 
     lmdm = tmp_path / "lmdm"
-    assert (
-        main(
-            [
-                "train-lmdm",
-                "--codes",
-                str(codes),
-                "--out",
-                str(lmdm),
-                "--preset",
-                "lmdm-tiny",
-                "--steps",
-                "6",
-                "--batch",
-                "4",
-                "--save-every",
-                "3",
-            ]
-        )
-        == 0
-    )
+    train = ["train-lmdm", "--codes", str(codes), "--out", str(lmdm), "--preset", "lmdm-tiny", "--batch", "4"]
+    assert main([*train, "--steps", "6", "--save-every", "3"]) == 0
     assert "last loss" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "train-lmdm",
-                "--codes",
-                str(codes),
-                "--out",
-                str(lmdm),
-                "--preset",
-                "lmdm-tiny",
-                "--steps",
-                "8",
-                "--batch",
-                "4",
-                "--resume",
-            ]
-        )
-        == 0
-    )
+    assert main([*train, "--steps", "8", "--resume"]) == 0
     out = tmp_path / "gen.mp4"
     assert (
         main(
