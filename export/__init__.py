@@ -1,4 +1,86 @@
-"""leo_rt.export: exported engines (ONNX, AOTInductor, TensorRT) of the animator and LMDM stages.
+"""leo_rt.export: the animator and LMDM stages as ONNX files, AOTInductor packages and TensorRT engines, with a
+manifest that records and verifies what each file is.
 
-Installed as ``leo_rt.export``; the stage wrappers and exporters arrive with the export work.
+    manifest = leo_rt.export.export_checkpoint("vox.pt", "engines/", formats=("onnx", "aoti"))
+    renderer = leo_rt.export.ExportedStage("engines/", "renderer", "onnx")
 """
+
+from __future__ import annotations
+
+import os
+
+from .exporter import FORMATS, OPSET, ExportedStage, export_stages
+from .manifest import ManifestError, read_manifest, state_dict_hash, verify_artifact
+from .stages import StageSpec, animator_stages, lmdm_stage
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def export_checkpoint(
+    checkpoint,
+    out_dir: str | os.PathLike,
+    *,
+    lmdm_dir: str | os.PathLike | None = None,
+    formats: tuple[str, ...] = ("onnx",),
+    precision: str = "fp32",
+    max_batch: int = 32,
+    device: str = "cpu",
+    force: bool = False,
+    log=lambda s: None,
+) -> dict:
+    """Export every stage of an animator checkpoint (and of an LMDM, when given). ONNX files are always fp32
+    (TensorRT applies fp16/bf16 when it builds from them); AOTInductor packages use `precision`."""
+    import torch
+
+    from ..animator import load_animator
+    from ..lmdm import load_lmdm
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    manifest = None
+    for fmts, dtype in (
+        (tuple(f for f in formats if f != "aoti"), torch.float32),
+        (tuple(f for f in formats if f == "aoti"), dtypes[precision]),
+    ):
+        if not fmts:
+            continue
+        anim = load_animator(checkpoint, device=device, dtype=dtype)
+        stages = animator_stages(anim, max_batch)
+        digest = state_dict_hash(anim.state_dict())
+        if lmdm_dir is not None:
+            lmdm = load_lmdm(lmdm_dir, device=device)
+            stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
+            digest = f"{digest}+{state_dict_hash(lmdm.state_dict())}"
+        name = {v: k for k, v in dtypes.items()}[dtype]
+        manifest = export_stages(
+            stages,
+            out_dir,
+            formats=fmts,
+            precision=name,
+            trt_precision=precision,
+            checkpoint_sha256=digest,
+            extra={"size": anim.size},
+            force=force,
+            log=log,
+        )
+    return manifest
+
+
+__all__ = [
+    "FORMATS",
+    "OPSET",
+    "PRECISIONS",
+    "ExportedStage",
+    "ManifestError",
+    "StageSpec",
+    "animator_stages",
+    "export_checkpoint",
+    "export_stages",
+    "lmdm_stage",
+    "read_manifest",
+    "state_dict_hash",
+    "verify_artifact",
+]

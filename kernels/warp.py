@@ -97,7 +97,7 @@ def warp_blend_reference(
     coords = grid + torch.tanh(logits[:, 0:2].to(grid.dtype)).permute(0, 2, 3, 1)
     mask = torch.sigmoid(logits[:, 2:3].to(h.dtype))
     feat = feat.to(coords.dtype)  # before the broadcast, so a low-precision source is converted once, not N times
-    if feat.shape[0] != n:
+    if feat.shape[0] == 1:  # (a static test, so a symbolic batch stays symbolic under export)
         feat = feat.expand(n, -1, -1, -1)  # a view: the source features are shared, never copied
     sampled = F.grid_sample(feat, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
     # grid_sample writes NCHW whatever the input layout; match h's layout so the blend is one dense pass

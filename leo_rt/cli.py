@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         "they are (absolute, default)",
     )
 
+    p = sub.add_parser("export", help="export the stages to ONNX / AOTInductor / TensorRT, with a manifest")
+    p.add_argument("--checkpoint", required=True, help="animator checkpoint")
+    p.add_argument("--lmdm", default=None, help="also export this LMDM's denoiser")
+    p.add_argument("--out", required=True, help="output directory (artifacts + manifest.json)")
+    p.add_argument("--format", default="onnx", help="comma-separated: onnx, aoti, trt (default: onnx)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="AOTInductor packages and TensorRT engines (ONNX files stay fp32)",
+    )
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch the artifacts accept (default: 32)")
+    p.add_argument("--device", default="cpu", help="device to export for (aoti: the package targets it)")
+    p.add_argument("--force", action="store_true", help="rebuild artifacts that are up to date")
+
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -347,6 +362,27 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+    from .pipelines import resolve_device
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    t0 = time.perf_counter()
+    manifest = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        lmdm_dir=args.lmdm,
+        formats=formats,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        device=str(resolve_device(args.device)),
+        force=args.force,
+        log=print,
+    )
+    print(f"{args.out}: {len(manifest['artifacts'])} artifacts in manifest.json ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 COMMANDS = {
     "reenact": cmd_reenact,
     "demo": cmd_demo,
@@ -355,11 +391,13 @@ COMMANDS = {
     "train-lmdm": cmd_train_lmdm,
     "generate": cmd_generate,
     "edit": cmd_edit,
+    "export": cmd_export,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
+    from .export.tensorrt import TensorRTUnavailable
     from .io import MediaError
 
     args = build_parser().parse_args(argv)
@@ -373,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, MediaError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, MediaError, ValueError, FileNotFoundError, TensorRTUnavailable) as e:
         print(f"leo-rt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -133,16 +133,21 @@ class FastEncoder(_Prepared):
 
 
 class FastRenderer(_Prepared):
-    """SourceState tensors + alpha (N, motion_dim) → frames (N, 3, S, S), absolute mode, unclamped."""
+    """SourceState tensors + alpha (N, motion_dim) → frames (N, 3, S, S), absolute mode, unclamped.
 
-    def __init__(self, lia: LIA):
+    style_dtype: dtype of the stacked modulations and demodulation factors (default float64 for fp32/fp64
+    models, float32 for 16-bit ones; exporters pass float32, since TensorRT has no float64)."""
+
+    def __init__(self, lia: LIA, style_dtype: torch.dtype | None = None):
         super().__init__()
         dec, cfg = lia.dec, lia.cfg
         dtype = dec.direction.weight.dtype
         wide = torch.promote_types(dtype, torch.float32)  # derived constants computed in at least fp32
         # Styles and demodulation factors are O(channels) per frame: keep them in float64 (float32 for 16-bit
         # models) so the affine rewrite adds no rounding of its own; the feature maps stay in `dtype`.
-        self.style_dtype = torch.float64 if wide == torch.float32 or wide == torch.float64 else torch.float32
+        if style_dtype is None:
+            style_dtype = torch.float64 if wide == torch.float32 or wide == torch.float64 else torch.float32
+        self.style_dtype = style_dtype
         q = motion_basis(dec.direction.weight).to(self.style_dtype)
         self.put("q", q.to(dtype))
         # Modulated layers in execution order: conv1, then per block (up conv, conv, to_flow).

@@ -1,0 +1,178 @@
+"""Exported stages: ONNX (ONNX Runtime) and AOTInductor parity, dynamic batch, manifest, caching, TensorRT."""
+
+import importlib.util
+
+import onnx
+import pytest
+import torch
+
+from conftest import make_lia, rel_err
+from leo_rt.cli import main
+from leo_rt.export import ExportedStage, ManifestError, animator_stages, export_checkpoint, lmdm_stage
+from leo_rt.lmdm import LMDM, LMDMConfig, save_lmdm
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+STAGES = ("source_encoder", "motion_encoder", "renderer", "lmdm_denoiser")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    torch.save({"gen": make_lia("lia-32-tiny", seed=4).state_dict()}, d / "anim.pt")
+    lmdm = LMDM(LMDMConfig.from_name("lmdm-tiny"))
+    with torch.no_grad():  # move every weight off its init (the output conv starts at zero)
+        for p in lmdm.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    save_lmdm(lmdm, d / "lmdm")
+    log = []
+    export_checkpoint(
+        d / "anim.pt", d / "out", lmdm_dir=d / "lmdm", formats=("onnx", "aoti"), max_batch=6, log=log.append
+    )
+    return d, log
+
+
+def _reference_stages(d):
+    from leo_rt import load_animator
+    from leo_rt.lmdm import load_lmdm
+
+    stages = animator_stages(load_animator(d / "anim.pt"), 6)
+    stages["lmdm_denoiser"] = lmdm_stage(load_lmdm(d / "lmdm"), 6)
+    return stages
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "aoti"])
+def test_every_stage_matches_pytorch_at_unseen_batch_sizes(exported, fmt):
+    d, _ = exported
+    for name, (module, spec) in _reference_stages(d).items():
+        stage = ExportedStage(d / "out", name, fmt)
+        for batch in (1, 3):  # traced at batch 2: both are sizes the exporter never saw
+            inputs = spec.sample(batch)
+            with torch.no_grad():
+                want = module(*inputs)
+            want = want if isinstance(want, tuple) else (want,)
+            got = stage(*inputs)
+            assert len(got) == len(want) == len(spec.output_names)
+            for name_out, g, w in zip(spec.output_names, got, want, strict=True):
+                assert g.shape == w.shape, (name, name_out)
+                assert rel_err(g, w) <= 1e-4, (name, name_out, fmt, batch, rel_err(g, w))
+
+
+def test_onnx_files_are_checked_and_only_batch_is_dynamic(exported):
+    d, _ = exported
+    for name, (_, spec) in _reference_stages(d).items():
+        model = onnx.load(str(d / "out" / f"{name}.onnx"))
+        onnx.checker.check_model(model)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        sample = dict(zip(spec.input_names, spec.sample(2), strict=True))
+        for inp in model.graph.input:
+            dims = inp.type.tensor_type.shape.dim
+            if inp.name in spec.batch_inputs:
+                assert dims[0].dim_param and not dims[0].dim_value, (name, inp.name)  # symbolic batch
+                assert [x.dim_value for x in dims[1:]] == list(sample[inp.name].shape[1:])  # fixed sizes
+            else:
+                assert [x.dim_value for x in dims] == list(sample[inp.name].shape)
+        if name == "renderer":
+            assert "GridSample" in {n.op_type for n in model.graph.node}
+
+
+def test_batch_outside_the_exported_range_is_refused(exported):
+    d, _ = exported
+    _, spec = _reference_stages(d)["motion_encoder"]
+    with pytest.raises(ValueError, match=r"exported for batch 1…6, got 7"):
+        ExportedStage(d / "out", "motion_encoder", "aoti")(*spec.sample(7))
+
+
+def test_manifest_refuses_tampered_or_mismatched_artifacts(exported, tmp_path):
+    import shutil
+
+    d, _ = exported
+    copy = tmp_path / "out"
+    shutil.copytree(d / "out", copy)
+    with pytest.raises(ManifestError, match="exported with size=32, not 64"):
+        ExportedStage(copy, "renderer", "onnx", expect={"size": 64})
+    path = copy / "renderer.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="does not match its SHA-256.*--force"):
+        ExportedStage(copy, "renderer", "onnx")
+    (copy / "motion_encoder.pt2").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        ExportedStage(copy, "motion_encoder", "aoti")
+    with pytest.raises(ManifestError, match="no lmdm_denoiser/trt artifact"):
+        ExportedStage(copy, "lmdm_denoiser", "trt")
+
+
+def test_second_export_skips_and_force_rebuilds(exported, capsys):
+    d, first_log = exported
+    assert sum(line.startswith("export") for line in first_log) == 2 * len(STAGES)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (d / "out").iterdir() if p.suffix in (".onnx", ".pt2")}
+    args = [
+        "export",
+        "--checkpoint",
+        str(d / "anim.pt"),
+        "--lmdm",
+        str(d / "lmdm"),
+        "--out",
+        str(d / "out"),
+        "--format",
+        "onnx,aoti",
+        "--max-batch",
+        "6",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip") == 2 * len(STAGES) and "export " not in out.replace("export/", "")
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (d / "out").iterdir() if p.suffix in (".onnx", ".pt2")}
+    assert main([*args[:-4], "--format", "onnx", "--max-batch", "6", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("export ") == len(STAGES)
+    # a different checkpoint invalidates every artifact made from the old one
+    torch.save({"gen": make_lia("lia-32-tiny", seed=5).state_dict()}, d / "other.pt")
+    assert main(["export", "--checkpoint", str(d / "other.pt"), "--out", str(d / "out"), "--max-batch", "6"]) == 0
+    assert capsys.readouterr().out.count("export ") == 3
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None,
+    reason="TensorRT cannot be installed on these machines; the TensorRT path is unverified here",
+)
+def test_tensorrt_engine_matches_pytorch(exported):  # pragma: no cover - needs TensorRT and a GPU
+    from leo_rt.export.tensorrt import Precision, Profile, TRTEngine, build_engine
+
+    d, _ = exported
+    module, spec = _reference_stages(d)["renderer"]
+    engine = build_engine(
+        d / "out" / "renderer.onnx",
+        d / "out",
+        precision=Precision.FP32,
+        profile=Profile(1, 2, 6),
+        batch_inputs=spec.batch_inputs,
+    )
+    trt_engine = TRTEngine(engine, d / "out" / "renderer.onnx")
+    inputs = [t.cuda() for t in spec.sample(3)]
+    got = trt_engine.infer(dict(zip(spec.input_names, inputs, strict=True)))["frames"]
+    assert rel_err(got.cpu(), module(*spec.sample(3))) <= 1e-3
+
+
+def test_tensorrt_missing_is_a_clear_error(exported, capsys):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    d, _ = exported
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(d / "anim.pt"),
+                "--out",
+                str(d / "out"),
+                "--format",
+                "trt",
+                "--max-batch",
+                "6",
+            ]
+        )
+        == 2
+    )
+    assert "TensorRT is not installed" in capsys.readouterr().err
