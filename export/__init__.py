@@ -25,14 +25,18 @@ def export_checkpoint(
     precision: str = "fp32",
     max_batch: int = 32,
     device: str = "cpu",
+    decomposed_warp: bool = False,
     force: bool = False,
     log=lambda s: None,
 ) -> dict:
     """Export every stage of an animator checkpoint (and of an LMDM, when given). ONNX files are always fp32
-    (TensorRT applies fp16/bf16 when it builds from them); AOTInductor packages use `precision`."""
+    (TensorRT applies fp16/bf16 when it builds from them); AOTInductor packages use `precision`. On CUDA the
+    renderer's packages hold the Triton warp op, which only a Python process can run; `decomposed_warp=True`
+    exports standard aten ops instead, for the C++ runner (on CPU the warp is always decomposed)."""
     import torch
 
     from ..animator import load_animator
+    from ..kernels import kernels_enabled, set_kernels_enabled, triton_available
     from ..lmdm import load_lmdm
 
     if precision not in PRECISIONS:
@@ -40,32 +44,37 @@ def export_checkpoint(
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    groups = [(tuple(f for f in formats if f != "aoti"), "fp32"), (tuple(f for f in formats if f == "aoti"), precision)]
+    was_enabled = kernels_enabled()
+    if decomposed_warp:
+        set_kernels_enabled(False)
     manifest = None
-    for fmts, dtype in (
-        (tuple(f for f in formats if f != "aoti"), torch.float32),
-        (tuple(f for f in formats if f == "aoti"), dtypes[precision]),
-    ):
-        if not fmts:
-            continue
-        anim = load_animator(checkpoint, device=device, dtype=dtype)
-        stages = animator_stages(anim, max_batch)
-        digest = state_dict_hash(anim.state_dict())
-        if lmdm_dir is not None:
-            lmdm = load_lmdm(lmdm_dir, device=device)
-            stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
-            digest = f"{digest}+{state_dict_hash(lmdm.state_dict())}"
-        name = {v: k for k, v in dtypes.items()}[dtype]
-        manifest = export_stages(
-            stages,
-            out_dir,
-            formats=fmts,
-            precision=name,
-            trt_precision=precision,
-            checkpoint_sha256=digest,
-            extra={"size": anim.size},
-            force=force,
-            log=log,
-        )
+    try:
+        for fmts, stage_precision in groups:
+            if not fmts:
+                continue
+            anim = load_animator(checkpoint, device=device, dtype=dtypes[stage_precision])
+            stages = animator_stages(anim, max_batch)
+            digest = state_dict_hash(anim.state_dict())
+            if lmdm_dir is not None:
+                lmdm = load_lmdm(lmdm_dir, device=device)
+                stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
+                digest = f"{digest}+{state_dict_hash(lmdm.state_dict())}"
+            fused = anim.device.type == "cuda" and kernels_enabled() and triton_available()
+            extra = {"size": anim.size, "warp": "triton-op" if fused else "decomposed"}
+            manifest = export_stages(
+                stages,
+                out_dir,
+                formats=fmts,
+                precision=stage_precision,
+                trt_precision=precision,
+                checkpoint_sha256=digest,
+                extra=extra,
+                force=force,
+                log=log,
+            )
+    finally:
+        set_kernels_enabled(was_enabled)
     return manifest
 
 

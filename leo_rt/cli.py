@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch", type=int, default=32, help="largest batch the artifacts accept (default: 32)")
     p.add_argument("--device", default="cpu", help="device to export for (aoti: the package targets it)")
+    p.add_argument(
+        "--decomposed-warp",
+        action="store_true",
+        help="on CUDA, export the warp as standard ops (for the C++ runner) instead of the Triton op",
+    )
     p.add_argument("--force", action="store_true", help="rebuild artifacts that are up to date")
 
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
@@ -376,6 +381,7 @@ def cmd_export(args) -> int:
         precision=args.precision,
         max_batch=args.max_batch,
         device=str(resolve_device(args.device)),
+        decomposed_warp=args.decomposed_warp,
         force=args.force,
         log=print,
     )
