@@ -26,17 +26,20 @@ def export_checkpoint(
     max_batch: int = 32,
     device: str = "cpu",
     decomposed_warp: bool = False,
+    onnx_warp_node: bool = False,
     force: bool = False,
     log=lambda s: None,
 ) -> dict:
     """Export every stage of an animator checkpoint (and of an LMDM, when given). ONNX files are always fp32
     (TensorRT applies fp16/bf16 when it builds from them); AOTInductor packages use `precision`. On CUDA the
     renderer's packages hold the Triton warp op, which only a Python process can run; `decomposed_warp=True`
-    exports standard aten ops instead, for the C++ runner (on CPU the warp is always decomposed)."""
+    exports standard aten ops instead, for the C++ runner (on CPU the warp is always decomposed).
+    `onnx_warp_node=True` writes the renderer's warp as one `leo_rt::WarpBlend` node in the ONNX files (for a
+    runtime that implements it, e.g. a TensorRT plugin) instead of standard GridSample and element-wise ops."""
     import torch
 
     from ..animator import load_animator
-    from ..kernels import kernels_enabled, set_kernels_enabled, triton_available
+    from ..kernels import kernels_enabled, onnx_custom_op, set_kernels_enabled, triton_available
     from ..lmdm import load_lmdm
 
     if precision not in PRECISIONS:
@@ -61,18 +64,19 @@ def export_checkpoint(
                 stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
                 digest = f"{digest}+{state_dict_hash(lmdm.state_dict())}"
             fused = anim.device.type == "cuda" and kernels_enabled() and triton_available()
-            extra = {"size": anim.size, "warp": "triton-op" if fused else "decomposed"}
-            manifest = export_stages(
-                stages,
-                out_dir,
-                formats=fmts,
-                precision=stage_precision,
-                trt_precision=precision,
-                checkpoint_sha256=digest,
-                extra=extra,
-                force=force,
-                log=log,
-            )
+            warp = "onnx-node" if onnx_warp_node and "onnx" in fmts else "triton-op" if fused else "decomposed"
+            with onnx_custom_op(onnx_warp_node and "onnx" in fmts):
+                manifest = export_stages(
+                    stages,
+                    out_dir,
+                    formats=fmts,
+                    precision=stage_precision,
+                    trt_precision=precision,
+                    checkpoint_sha256=digest,
+                    extra={"size": anim.size, "warp": warp},
+                    force=force,
+                    log=log,
+                )
     finally:
         set_kernels_enabled(was_enabled)
     return manifest

@@ -42,7 +42,8 @@ def triton_available() -> bool:
 
 @contextmanager
 def onnx_custom_op(enabled: bool = True):
-    """While active, ONNX export keeps the warp as one custom-domain node instead of decomposing it."""
+    """While active, the warp traces as one custom-domain ONNX node instead of decomposing (for tracing towards
+    ONNX only: the node has no PyTorch implementation)."""
     saved = _STATE["onnx_custom"]
     _STATE["onnx_custom"] = enabled
     try:
@@ -137,12 +138,12 @@ def warp_blend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the renderer calls: the custom op (Triton) on CUDA, the reference on CPU or when kernels are off;
     under ONNX export the reference, or the op when `onnx_custom_op()` is active."""
+    if _STATE["onnx_custom"]:  # tracing for ONNX: one node for a runtime with its own WarpBlend (a TRT plugin)
+        warped, out = torch.onnx.ops.symbolic_multi_out(
+            ONNX_OP, (feat, logits, h), dtypes=(h.dtype, h.dtype), shapes=(h.shape, h.shape), version=1
+        )
+        return warped, out
     if torch.onnx.is_in_onnx_export():
-        if _STATE["onnx_custom"]:  # one node for a runtime with its own WarpBlend (e.g. a TensorRT plugin)
-            warped, out = torch.onnx.ops.symbolic_multi_out(
-                ONNX_OP, (feat, logits, h), dtypes=(h.dtype, h.dtype), shapes=(h.shape, h.shape), version=1
-            )
-            return warped, out
         return warp_blend_reference(feat, logits, h, grid)
     if _use_triton(h):
         return torch.ops.leo_rt.warp_blend(feat, logits, h)

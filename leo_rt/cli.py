@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on CUDA, export the warp as standard ops (for the C++ runner) instead of the Triton op",
     )
+    p.add_argument(
+        "--onnx-warp-node",
+        action="store_true",
+        help="write the warp as one leo_rt::WarpBlend node in the ONNX files (default: standard ops)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild artifacts that are up to date")
 
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
@@ -382,6 +387,7 @@ def cmd_export(args) -> int:
         max_batch=args.max_batch,
         device=str(resolve_device(args.device)),
         decomposed_warp=args.decomposed_warp,
+        onnx_warp_node=args.onnx_warp_node,
         force=args.force,
         log=print,
     )

@@ -249,3 +249,14 @@ def test_cpp_runner_matches_python(exported, tmp_path):
     state = ExportedStage(out, "source_encoder", "aoti")(image)
     py = torch.cat([ExportedStage(out, "renderer", "aoti")(codes[i : i + 2], *state[2:])[0] for i in range(0, 5, 2)])
     assert rel_err(frames, py) <= 1e-6
+
+
+def test_onnx_warp_node_option(exported, tmp_path):
+    d, _ = exported
+    from leo_rt.export import read_manifest
+
+    export_checkpoint(d / "anim.pt", tmp_path / "node", formats=("onnx",), max_batch=4, onnx_warp_node=True)
+    nodes = onnx.load(str(tmp_path / "node" / "renderer.onnx")).graph.node
+    kinds = {(n.domain, n.op_type) for n in nodes}
+    assert ("leo_rt", "WarpBlend") in kinds and ("", "GridSample") not in kinds
+    assert read_manifest(tmp_path / "node")["artifacts"]["renderer/onnx"]["warp"] == "onnx-node"
