@@ -79,6 +79,11 @@ def export_checkpoint(
                 )
     finally:
         set_kernels_enabled(was_enabled)
+    if isinstance(checkpoint, (str, os.PathLike)):  # lets a session started from the engines find the model
+        from .manifest import write_manifest
+
+        manifest["checkpoint_path"] = str(os.path.abspath(checkpoint))
+        write_manifest(out_dir, manifest)
     return manifest
 
 

@@ -7,7 +7,8 @@
 - lmdm_denoiser: x_t (B, L, D), t (B,), alpha_1 (B, D), prefix (B, L, D), prefix_len (B,) → model output (B, L, D)
 
 Batch is the only dynamic axis; spatial sizes are fixed per model size. Stages compute styles in float32 (the
-runtime's float64 styles would not survive TensorRT).
+runtime's float64 styles would not survive TensorRT). Every tensor crossing a stage boundary is contiguous NCHW
+(AOTInductor code is specialised to the strides it was traced with).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class SourceEncoderStage(nn.Module):
 
     def forward(self, image: torch.Tensor):
         w_a, feats = self.encoder(image)
-        return (w_a, self.encoder.motion_from_wa(w_a), self.renderer.styles0(w_a), *feats)
+        # stage boundaries are plain contiguous NCHW: AOTInductor code is specialised to its inputs' strides
+        return (w_a, self.encoder.motion_from_wa(w_a), self.renderer.styles0(w_a), *(f.contiguous() for f in feats))
 
 
 class MotionEncoderStage(nn.Module):
@@ -108,7 +110,7 @@ def animator_stages(animator: Animator, max_batch: int = 32) -> dict[str, tuple[
         with torch.no_grad():
             state = source_stage(image(1)[0])
         g = torch.Generator(device=dev).manual_seed(100 + b)
-        return (torch.randn(b, d, device=dev, generator=g).to(dt) * 0.5, state[2], *state[3:])
+        return (torch.randn(b, d, device=dev, generator=g).to(dt) * 0.5, *(t.contiguous() for t in state[2:]))
 
     enc_out = ("w_a", "alpha_src", "styles0", *feat_names)
     return {

@@ -14,10 +14,17 @@ from .io import RESIZE_POLICY
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _add_common(p: argparse.ArgumentParser, device: str = "cpu", dtype: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, device: str = "cpu", dtype: bool = True, backend: bool = True) -> None:
     p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N or auto (default: {device})")
     if dtype:
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="animator precision (default: fp32)")
+        p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="animator precision (default: fp32)")
+    if backend:
+        p.add_argument(
+            "--backend",
+            default="torch",
+            help="torch (default), compile, onnxruntime, aoti, tensorrt, or auto (the fastest available)",
+        )
+        p.add_argument("--stats", action="store_true", help="print per-stage p50/p95 timings at the end")
     p.add_argument("--batch", type=int, default=8, help="frames rendered per call (default: 8)")
 
 
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", required=True, nargs="+", help="video files and/or directories (searched recursively)")
     p.add_argument("--out", required=True, help="output .npz (codes, per-video lengths, fps, names)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(p)
+    _add_common(p, backend=False)
 
     p = sub.add_parser("train-lmdm", help="train a motion diffusion model on extracted codes")
     p.add_argument("--codes", required=True, help=".npz from `leo-rt extract-motion`")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(p, device="auto", dtype=False)  # trains in fp32, on CUDA when there is one
+    _add_common(p, device="auto", dtype=False, backend=False)  # trains in fp32, on CUDA when there is one
     p.set_defaults(batch=32)
 
     for name, helptext in (
@@ -137,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="rebuild artifacts that are up to date")
 
+    sub.add_parser("doctor", help="device, versions, and which backends are available (and why not)")
+
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -149,6 +158,18 @@ def _progress(total: int | None, disable: bool):
     return tqdm(total=total, unit="frame", disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
+def _session(args, source, device, size=None):
+    """The Session behind a command, printing which backend `auto` chose."""
+    from .session import Session
+
+    return Session(source, backend=args.backend, device=device, precision=args.precision, size=size, log=print)
+
+
+def _print_stats(args, timer) -> None:
+    if getattr(args, "stats", False):
+        print(timer.table())
+
+
 def _run_reenact(animator, source_img, driving, out, fps, args, total, timer) -> int:
     from .pipelines import reenact
 
@@ -157,28 +178,28 @@ def _run_reenact(animator, source_img, driving, out, fps, args, total, timer) ->
 
 
 def cmd_reenact(args) -> int:
-    from .animator import load_animator
     from .io import iter_video, load_image, video_info
     from .pipelines import resolve_device
-    from .timing import StageTimer, keep_heap_memory
+    from .timing import keep_heap_memory
 
     keep_heap_memory()
     device = resolve_device(args.device)
-    animator = load_animator(args.checkpoint, size=args.size, device=device, dtype=DTYPES[args.dtype])
-    s = animator.size
+    session = _session(args, args.checkpoint, device, size=args.size)
+    s = session.size
     source = load_image(args.source, s)
     info = video_info(args.driving)
     total = min(x for x in (info.frames, args.max_frames) if x) if (info.frames or args.max_frames) else None
-    timer = StageTimer(device)
+    timer = session.timer
     t0 = time.perf_counter()
     n = _run_reenact(
-        animator, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total, timer
+        session.backend, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total, timer
     )
     dt = time.perf_counter() - t0
     print(
         f"wrote {args.out}: {n} frames at {info.fps:g} fps ({s}×{s}) in {dt:.1f} s — "
-        f"{n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame"
+        f"{n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame ({session.backend_name} backend)"
     )
+    _print_stats(args, timer)
     return 0
 
 
@@ -186,7 +207,7 @@ def cmd_demo(args) -> int:
     from .animator import Animator, load_animator
     from .io import iter_video, read_image, square_resize, to_model
     from .pipelines import find_shared_data, resolve_device, synthetic_driving, synthetic_portrait
-    from .timing import StageTimer, keep_heap_memory
+    from .timing import keep_heap_memory
 
     keep_heap_memory()
     if args.frames < 1:
@@ -194,11 +215,12 @@ def cmd_demo(args) -> int:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     if args.checkpoint:
-        animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+        animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.precision])
         print(f"weights: {args.checkpoint}")
     else:
-        animator = Animator.random(args.preset, seed=args.seed, device=device, dtype=DTYPES[args.dtype])
+        animator = Animator.random(args.preset, seed=args.seed, device=device, dtype=DTYPES[args.precision])
         print(f"weights: random weights — pass --checkpoint for real output ({args.preset}, seed {args.seed})")
+    session = _session(args, animator, device)
     load_s = time.perf_counter() - t0
     s = animator.size
     data = find_shared_data()
@@ -213,12 +235,12 @@ def cmd_demo(args) -> int:
         portrait = synthetic_portrait(s)
         driving = synthetic_driving(portrait, args.frames)
         print(f"source: a drawn portrait; driving: a synthetic {args.frames}-frame sway (shared data not found)")
-    timer = StageTimer(device)
+    timer = session.timer
     args.relative, args.no_progress = True, True
     t1 = time.perf_counter()
-    n = _run_reenact(animator, to_model(portrait), driving, args.out, fps, args, args.frames, timer)
+    n = _run_reenact(session.backend, to_model(portrait), driving, args.out, fps, args, args.frames, timer)
     dt = time.perf_counter() - t1
-    print(f"wrote {args.out}: {n} frames, {s}×{s}, {args.dtype} on {device}; model built in {load_s:.1f} s")
+    print(f"wrote {args.out}: {n} frames, {s}×{s}, {args.precision} on {device}; model built in {load_s:.1f} s")
     print(timer.table())
     print(f"end to end: {n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame (batch {args.batch})")
     return 0
@@ -253,7 +275,7 @@ def cmd_extract_motion(args) -> int:
     from .train import extract_motion, find_videos
 
     device = resolve_device(args.device)
-    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.precision])
     videos = find_videos(args.videos)
     bar = _progress(len(videos), args.no_progress or not sys.stderr.isatty())
     with bar:
@@ -301,16 +323,15 @@ def _write_stream(frames_iter, out, fps, total, args, timer) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .animator import load_animator
     from .io import load_image
     from .lmdm import LMDM, LMDMConfig, load_lmdm
     from .motion import MotionSampler, generate
     from .pipelines import resolve_device
-    from .timing import StageTimer, keep_heap_memory
+    from .timing import keep_heap_memory
 
     keep_heap_memory()
     device = resolve_device(args.device)
-    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    session = _session(args, args.checkpoint, device)
     if args.lmdm:
         lmdm = load_lmdm(args.lmdm, device=device)
     else:
@@ -320,12 +341,12 @@ def cmd_generate(args) -> int:
             "Train one with `leo-rt train-lmdm` and pass --lmdm"
         )
     sampler = MotionSampler(lmdm, args.sampler, args.steps, chunk=args.chunk)
-    timer = StageTimer(device)
+    timer = session.timer
     t0 = time.perf_counter()
     frames = generate(
-        animator,
+        session.backend,
         sampler,
-        load_image(args.source, animator.size),
+        load_image(args.source, session.size),
         args.frames,
         overlap=args.overlap,
         seed=args.seed,
@@ -343,23 +364,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from .animator import load_animator
     from .io import iter_video, load_image, video_info
     from .motion import edit, video_codes
     from .pipelines import resolve_device
-    from .timing import StageTimer, keep_heap_memory
+    from .timing import keep_heap_memory
 
     keep_heap_memory()
     device = resolve_device(args.device)
-    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    session = _session(args, args.checkpoint, device)
     info = video_info(args.video)
-    timer = StageTimer(device)
+    timer = session.timer
     with timer.stage("motion"):
-        codes = video_codes(animator, iter_video(args.video, animator.size), args.batch)
+        codes = video_codes(session.backend, iter_video(args.video, session.size), args.batch)
     frames = edit(
-        animator,
+        session.backend,
         codes,
-        load_image(args.first_frame, animator.size),
+        load_image(args.first_frame, session.size),
         relative=args.relative,
         batch=args.batch,
         timer=timer,
@@ -369,6 +389,7 @@ def cmd_edit(args) -> int:
         f"wrote {args.out}: {n} frames at {info.fps:g} fps, motion of {args.video}, appearance of "
         f"{args.first_frame} ({'relative' if args.relative else 'absolute'} mode)"
     )
+    _print_stats(args, timer)
     return 0
 
 
@@ -395,6 +416,45 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    import importlib
+    import platform
+    import shutil
+    import subprocess
+
+    from .backends import backend_status
+
+    print(f"python      {platform.python_version()} on {platform.machine()}, {torch.get_num_threads()} torch threads")
+    print(f"torch       {torch.__version__} (CUDA build {torch.version.cuda or 'none'})")
+    for mod in ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "av"):
+        try:
+            print(f"{mod:<11} {importlib.import_module(mod).__version__}")
+        except ImportError:
+            print(f"{mod:<11} not installed")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        driver = "unknown"
+        if shutil.which("nvidia-smi"):
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            driver = out.stdout.strip() or driver
+        print(
+            f"cuda        {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()}, "
+            f"driver {driver})"
+        )
+        devices.append("cuda")
+    else:
+        print("cuda        no CUDA device visible")
+    for dev in devices:
+        for name, why in backend_status(dev).items():
+            print(f"backend     {name:<12} {dev:<5} {'available' if why is None else 'unavailable: ' + why}")
+    return 0
+
+
 COMMANDS = {
     "reenact": cmd_reenact,
     "demo": cmd_demo,
@@ -404,10 +464,12 @@ COMMANDS = {
     "generate": cmd_generate,
     "edit": cmd_edit,
     "export": cmd_export,
+    "doctor": cmd_doctor,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .export.tensorrt import TensorRTUnavailable
     from .io import MediaError
@@ -423,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return COMMANDS[args.command](args)
-    except (CheckpointError, MediaError, ValueError, FileNotFoundError, TensorRTUnavailable) as e:
+    except (CheckpointError, MediaError, ValueError, FileNotFoundError, TensorRTUnavailable, BackendUnavailable) as e:
         print(f"leo-rt {args.command}: error: {e}", file=sys.stderr)
         return 2
 
