@@ -36,8 +36,11 @@ def kernels_enabled() -> bool:
     return _STATE["enabled"]
 
 
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: cheap, and traceable by torch.compile
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 @contextmanager
@@ -112,7 +115,7 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and _STATE["enabled"] and triton_available()
+    return t.is_cuda and _STATE["enabled"] and _TRITON
 
 
 @torch.library.custom_op("leo_rt::warp_blend", mutates_args=())

@@ -13,6 +13,7 @@ from .io import MediaError
 from .lmdm import LMDM, LMDMConfig, load_lmdm, save_lmdm
 from .model import LIA, LIAConfig
 from .motion import MotionSampler, edit, generate, video_codes
+from .session import Session
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "LMDMConfig",
     "MediaError",
     "MotionSampler",
+    "Session",
     "SourceState",
     "edit",
     "generate",

@@ -251,7 +251,9 @@ BACKENDS: dict[str, Callable] = {
     "aoti": _exported("aoti", "aoti"),
     "tensorrt": _tensorrt,
 }
-PREFERENCE = {"cuda": ("tensorrt", "compile", "torch"), "cpu": ("onnxruntime", "torch")}
+# Measured order: on the 2-core CPU the eager fast form renders as fast as ONNX Runtime and encodes faster
+# (benchmarks/RESULTS.md, bench_runtime); on CUDA engines and compiled graphs are expected ahead (unmeasured).
+PREFERENCE = {"cuda": ("tensorrt", "compile", "torch"), "cpu": ("torch",)}
 
 
 def backend_status(device: torch.device | str) -> dict[str, str | None]:

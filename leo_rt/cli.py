@@ -170,11 +170,14 @@ def _print_stats(args, timer) -> None:
         print(timer.table())
 
 
-def _run_reenact(animator, source_img, driving, out, fps, args, total, timer) -> int:
-    from .pipelines import reenact
+def _run_reenact(session, source_img, driving, out, fps, args, total, timer) -> int:
+    """Motion codes are encoded in one worker thread, frames rendered in another, and written here: writing is
+    off the render path."""
+    from .pipelines import driving_codes
 
-    frames = reenact(animator, source_img, driving, relative=args.relative, batch=args.batch, timer=timer)
-    return _write_stream(frames, out, fps, total, args, timer)
+    state = session.start(source_img)
+    codes = driving_codes(session.backend, state, driving, relative=args.relative, batch=args.batch, timer=timer)
+    return _write_stream(session.stream(codes, batch=args.batch), out, fps, total, args, timer)
 
 
 def cmd_reenact(args) -> int:
@@ -192,7 +195,7 @@ def cmd_reenact(args) -> int:
     timer = session.timer
     t0 = time.perf_counter()
     n = _run_reenact(
-        session.backend, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total, timer
+        session, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total, timer
     )
     dt = time.perf_counter() - t0
     print(
@@ -238,7 +241,7 @@ def cmd_demo(args) -> int:
     timer = session.timer
     args.relative, args.no_progress = True, True
     t1 = time.perf_counter()
-    n = _run_reenact(session.backend, to_model(portrait), driving, args.out, fps, args, args.frames, timer)
+    n = _run_reenact(session, to_model(portrait), driving, args.out, fps, args, args.frames, timer)
     dt = time.perf_counter() - t1
     print(f"wrote {args.out}: {n} frames, {s}×{s}, {args.precision} on {device}; model built in {load_s:.1f} s")
     print(timer.table())
@@ -325,7 +328,7 @@ def _write_stream(frames_iter, out, fps, total, args, timer) -> int:
 def cmd_generate(args) -> int:
     from .io import load_image
     from .lmdm import LMDM, LMDMConfig, load_lmdm
-    from .motion import MotionSampler, generate
+    from .motion import MotionSampler
     from .pipelines import resolve_device
     from .timing import keep_heap_memory
 
@@ -343,16 +346,9 @@ def cmd_generate(args) -> int:
     sampler = MotionSampler(lmdm, args.sampler, args.steps, chunk=args.chunk)
     timer = session.timer
     t0 = time.perf_counter()
-    frames = generate(
-        session.backend,
-        sampler,
-        load_image(args.source, session.size),
-        args.frames,
-        overlap=args.overlap,
-        seed=args.seed,
-        batch=args.batch,
-        timer=timer,
-    )
+    session.start(load_image(args.source, session.size))
+    # sampling of chunk k+1 overlaps rendering of chunk k (worker threads); frames are written here
+    frames = session.stream(sampler, n_frames=args.frames, batch=args.batch, seed=args.seed, overlap=args.overlap)
     n = _write_stream(frames, args.out, args.fps, args.frames, args, timer)
     dt = time.perf_counter() - t0
     print(

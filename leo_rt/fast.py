@@ -197,7 +197,10 @@ class FastRenderer(_Prepared):
         # Transposed convs run channels-last (oneDNN is 2-4× faster there, equally accurate); 3×3 convs NCHW (as
         # fast here, and their fp32 accumulation is 2-5× more accurate). The modulation writes the layout wanted.
         layout = self.layouts[i]
-        x = torch.mul(x, s.to(x.dtype)[:, :, None, None], out=torch.empty_like(x, memory_format=layout))
+        if torch.compiler.is_compiling():  # out= with a strided tensor breaks the graph; inductor fuses this
+            x = (x * s.to(x.dtype)[:, :, None, None]).contiguous(memory_format=layout)
+        else:
+            x = torch.mul(x, s.to(x.dtype)[:, :, None, None], out=torch.empty_like(x, memory_format=layout))
         if self.upsample[i]:
             out = blur(F.conv_transpose2d(x, w, stride=2), self.get(f"blur{i}"), (1, 1))
         else:

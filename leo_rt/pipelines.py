@@ -54,18 +54,32 @@ def reenact(
     timer = timer or StageTimer(animator.device)
     with timer.stage("source"):
         state = animator.encode_source(source)
+    for alpha in driving_codes(animator, state, driving, relative=relative, batch=batch, timer=timer):
+        with timer.stage("render", alpha.shape[0]):
+            out = animator.render(state, alpha)
+        yield out
+
+
+def driving_codes(
+    animator,
+    state,
+    driving: Iterable[np.ndarray],
+    *,
+    relative: bool = True,
+    batch: int = 8,
+    timer: StageTimer | None = None,
+) -> Iterator[torch.Tensor]:
+    """Motion codes (n, D) of driving frames, batch by batch, in absolute or relative mode (see `reenact`)."""
+    timer = timer or StageTimer(animator.device)
     alpha_start = None
     for frames in _batches(driving, batch):
-        n = len(frames)
-        with timer.stage("motion", n):
+        with timer.stage("motion", len(frames)):
             alpha = animator.encode_motion(to_model(frames))
         if relative:
             if alpha_start is None:
                 alpha_start = alpha[:1]
             alpha = animator.relative_alpha(state, alpha, alpha_start)
-        with timer.stage("render", n):
-            out = animator.render(state, alpha)
-        yield out
+        yield alpha
 
 
 def find_shared_data() -> Path | None:

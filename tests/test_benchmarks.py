@@ -63,3 +63,26 @@ def test_bench_lmdm_smoke(tmp_path):
     d = json.loads(out.read_text())
     assert {x["sampler"] for x in d["rows"]} == {"ddim", "dpm++", "ddpm"}
     assert d["end_to_end"]["frames"] == 5 and d["end_to_end"]["render_s"] > 0
+
+
+def test_bench_runtime_smoke():
+    args = [
+        "--preset",
+        "lia-32-tiny",
+        "--backends",
+        "torch",
+        "--repeats",
+        "1",
+        "--overlap-preset",
+        "lia-32-tiny",
+        "--overlap-steps",
+        "2",
+        "--overlap-frames",
+        "40",
+    ]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_runtime.py"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "overlapped" in r.stdout and "sequential" in r.stdout
+    assert any(line.strip().startswith("torch |") for line in r.stdout.splitlines())
