@@ -3,7 +3,7 @@
 # export/ placed as leo_rt.kernels / leo_rt.export, as the install would), then
 #   1. the renderer on CUDA: fast form (Triton warp op) against the published form, and its frame time;
 #   2. correctness of the compiled Triton kernels against the reference (bench_warp.py --check);
-#   3. the warp benchmark table (printed last). Meant to finish well within 5 minutes.
+#   3. the warp benchmark table; 4. `leo-rt bench` on the GPU (its table printed last). Within 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src="$(mktemp -d)"
@@ -41,4 +41,8 @@ for dtype in (torch.float32, torch.float16):
     print(f"renderer {dtype}: fast vs published rel err {err:.2e}; {ms:.2f} ms/frame at batch 8 (eager)")
 PY
 
-timeout 240 python benchmarks/bench_warp.py --check --json "$out/bench_warp.json"
+timeout 180 python benchmarks/bench_warp.py --check --json "$out/bench_warp.json"
+
+# 4. the whole bench on the GPU (printed last): eager and compiled (CUDA graphs) backends, fp16, 256
+timeout 270 python -m leo_rt.cli bench --device cuda --backends torch,compile --sizes 256 --batches 1,8,32 \
+    --precision fp16 --frames 20 --json "$out/bench.json" --plot "$out/bench.png"

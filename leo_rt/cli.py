@@ -146,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="device, versions, and which backends are available (and why not)")
 
+    p = sub.add_parser("bench", help="per-stage latency of backends vs the published call pattern, in one run")
+    p.add_argument("--backends", default="torch", help="comma-separated backends (default: torch)")
+    p.add_argument("--sizes", default="128,256", help="comma-separated sizes (default: 128,256)")
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--frames", type=int, default=5, help="timed calls per case (default: 5)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tiny", action="store_true", help="reduced-width models (a smoke run, not a measurement)")
+    p.add_argument("--json", default=None, help="write the result (with machine info) here")
+    p.add_argument("--plot", default=None, help="write a PNG of latency and throughput vs batch here")
+
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -412,6 +423,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import plot, print_table, run_bench
+    from .files import atomic_path
+    from .timing import keep_heap_memory
+
+    keep_heap_memory()
+    result = run_bench(
+        [b for b in args.backends.split(",") if b],
+        [int(s) for s in args.sizes.split(",")],
+        [int(b) for b in args.batches.split(",")],
+        precision=args.precision,
+        frames=args.frames,
+        device=args.device,
+        tiny=args.tiny,
+        log=print,
+    )
+    print_table(result)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot(result, args.plot)}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     import importlib
     import platform
@@ -461,6 +500,7 @@ COMMANDS = {
     "edit": cmd_edit,
     "export": cmd_export,
     "doctor": cmd_doctor,
+    "bench": cmd_bench,
 }
 
 
