@@ -23,26 +23,10 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from leo_rt import Animator, LIAConfig
+from leo_rt.bench import count_flops, matmul_gflops
 from leo_rt.timing import keep_heap_memory
-
-
-def measure_peak_gflops(dtype=torch.float32, n=2048, seconds=1.5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def timed_pair(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
@@ -124,8 +108,8 @@ def main() -> None:
     bf16 = args.bf16 == "yes" or (
         args.bf16 == "auto" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
-    peak = measure_peak_gflops()
-    peak_bf16 = measure_peak_gflops(torch.bfloat16) if bf16 else None
+    peak = matmul_gflops(seconds=1.5)
+    peak_bf16 = matmul_gflops(dtype=torch.bfloat16, seconds=1.5) if bf16 else None
     info = {
         "date": datetime.date.today().isoformat(),
         "cpu": platform.processor() or platform.machine(),

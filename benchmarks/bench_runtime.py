@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_animator import count_flops, measure_peak_gflops  # noqa: E402
-
-from leo_rt import Animator  # noqa: E402
-from leo_rt.lmdm import LMDM, LMDMConfig  # noqa: E402
-from leo_rt.motion import MotionSampler, generate  # noqa: E402
-from leo_rt.session import Session  # noqa: E402
-from leo_rt.timing import keep_heap_memory  # noqa: E402
+from leo_rt import Animator
+from leo_rt.bench import count_flops, matmul_gflops
+from leo_rt.lmdm import LMDM, LMDMConfig
+from leo_rt.motion import MotionSampler, generate
+from leo_rt.session import Session
+from leo_rt.timing import keep_heap_memory
 
 
 def overlap(preset: str, lmdm_preset: str, steps: int, frames: int, batch: int, threads: int) -> None:
@@ -86,7 +83,7 @@ def backends(names: list[str], preset: str, repeats: int) -> None:
     anim = Animator.random(preset, seed=0)
     lia = anim.reference
     s = anim.size
-    peak = measure_peak_gflops()
+    peak = matmul_gflops(seconds=1.5)
     src = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0)) * 2 - 1
     drv = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -102,17 +102,34 @@ def _times(fn: Callable, n: int, device: torch.device) -> list[float]:
     return out
 
 
-def measure_peak(device: torch.device, seconds: float = 1.0) -> tuple[float, float]:
-    """(matmul GFLOP/s in fp32, copy GB/s) measured on this device now."""
+def matmul_gflops(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 1.0
+) -> float:
+    """The matmul rate this device reaches now (2048² products for `seconds`), in GFLOP/s."""
+    device = torch.device(device)
     n = 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
     _sync(device)
-    gflops = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def count_flops(fn: Callable) -> int:
+    """FLOPs of one call of `fn`, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure_peak(device: torch.device, seconds: float = 1.0) -> tuple[float, float]:
+    """(matmul GFLOP/s in fp32, copy GB/s) measured on this device now."""
+    gflops = matmul_gflops(device, seconds=seconds)
     x = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
@@ -122,12 +139,8 @@ def measure_peak(device: torch.device, seconds: float = 1.0) -> tuple[float, flo
 
 def render_flops(animator, batch: int = 1) -> int:
     """FLOPs of rendering `batch` frames (the decoder), counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     state = animator.encode_source(torch.zeros(1, 3, animator.size, animator.size))
-    with FlopCounterMode(display=False) as counter:
-        animator.render(state, torch.zeros(batch, animator.config.motion_dim))
-    return counter.get_total_flops()
+    return count_flops(lambda: animator.render(state, torch.zeros(batch, animator.config.motion_dim)))
 
 
 def _machine(device: torch.device, peak: float, copy: float) -> dict:
