@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import InputError
 from .exporter import FORMATS, OPSET, ExportedStage, export_stages
 from .manifest import ManifestError, read_manifest, state_dict_hash, verify_artifact
 from .stages import StageSpec, animator_stages, lmdm_stage
@@ -43,9 +44,9 @@ def export_checkpoint(
     from ..lmdm import load_lmdm
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        raise InputError(f"max_batch must be at least 1, got {max_batch}")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     groups = [(tuple(f for f in formats if f != "aoti"), "fp32"), (tuple(f for f in formats if f == "aoti"), precision)]
     was_enabled = kernels_enabled()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from .manifest import ManifestError, read_manifest, sha256_file, verify_artifact, versions, write_manifest
 from .stages import StageSpec
 
@@ -96,7 +97,7 @@ def export_stages(
     manifest."""
     bad = set(formats) - set(FORMATS)
     if bad:
-        raise ValueError(f"unknown export formats {sorted(bad)}; choose from {FORMATS}")
+        raise InputError(f"unknown export formats {sorted(bad)}; choose from {FORMATS}")
     if "trt" in formats and "onnx" not in formats:
         formats = ("onnx", *formats)  # engines are built from the ONNX files
     out_dir = Path(out_dir)
@@ -184,13 +185,13 @@ class ExportedStage:
         elif fmt == "aoti":
             self._runner = torch._inductor.aoti_load_package(path)
         else:
-            raise ValueError(f"ExportedStage runs onnx or aoti artifacts; use export.tensorrt.TRTEngine for {fmt}")
+            raise InputError(f"ExportedStage runs onnx or aoti artifacts; use export.tensorrt.TRTEngine for {fmt}")
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = inputs[0].shape[0]
         lo, hi = self.entry["batch"]["min"], self.entry["batch"]["max"]
         if not lo <= batch <= hi:  # checked here: the packages' own input checks are not to be relied on
-            raise ValueError(
+            raise InputError(
                 f"{self.name} was exported for batch {lo}…{hi}, got {batch}; re-export with --max-batch {batch}"
             )
         if self.fmt == "onnx":

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ManifestError
+
 MANIFEST = "manifest.json"
 FORMAT_NAME = "leo_rt.export"
-
-
-class ManifestError(ValueError):
-    """Exported artifacts that cannot be trusted; the message says how to rebuild them."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -9,6 +9,8 @@ import struct
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 MAGIC = b"LEOT"
 
 
@@ -25,12 +27,12 @@ def read_raw(path: str | os.PathLike) -> torch.Tensor:
     with open(path, "rb") as f:
         head = f.read(16)
         if len(head) < 16 or head[:4] != MAGIC:
-            raise ValueError(f"{path} is not a leo_rt raw tensor file (no LEOT header)")
+            raise InputError(f"{path} is not a leo_rt raw tensor file (no LEOT header)")
         version, dtype, ndim = struct.unpack("<III", head[4:])
         if version != 1 or dtype != 0:
-            raise ValueError(f"{path}: unsupported raw tensor version {version} / dtype {dtype}")
+            raise InputError(f"{path}: unsupported raw tensor version {version} / dtype {dtype}")
         shape = struct.unpack(f"<{ndim}q", f.read(8 * ndim))
         data = np.frombuffer(f.read(), dtype="<f4")
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: {data.size} values for shape {shape}; the file is truncated")
+        raise InputError(f"{path}: {data.size} values for shape {shape}; the file is truncated")
     return torch.from_numpy(data.reshape(shape).copy())

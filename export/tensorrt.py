@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import BackendUnavailable, InputError
 from .manifest import ManifestError, sha256_file
 
 
@@ -39,12 +40,12 @@ class Profile:
 
     def __post_init__(self):
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(
+            raise InputError(
                 f"need 1 <= min <= opt <= max batch, got {self.min_batch}/{self.opt_batch}/{self.max_batch}"
             )
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(BackendUnavailable):
     """TensorRT (10+) or a CUDA GPU is missing; the message says what to install or use instead."""
 
 
@@ -198,7 +199,7 @@ class TRTEngine:
         for name in self.inputs:
             t = feeds[name]
             if not t.is_cuda or not t.is_contiguous():
-                raise ValueError(f"input {name} must be a contiguous CUDA tensor")
+                raise InputError(f"input {name} must be a contiguous CUDA tensor")
             self.context.set_input_shape(name, list(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         outs = {}

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InputError
+
 MODES = {"bilinear": 0, "nearest": 1}
 PADDINGS = {"zeros": 0, "border": 1}
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,7 +140,7 @@ def check_int32(*tensors: torch.Tensor) -> None:
     for t in tensors:
         span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
         if span > INT32_MAX:
-            raise ValueError(
+            raise InputError(
                 f"a tensor of shape {tuple(t.shape)} spans {span} elements, beyond 32-bit indexing; "
                 "split the batch into smaller calls"
             )
@@ -158,21 +160,21 @@ def grid_sample_triton(
     """Triton launch of grid_sample. inp (N, C, H_in, W_in); grid (N, H_out, W_out, 2) → (N, C, H_out, W_out),
     in inp's dtype and memory layout."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        raise InputError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     if padding_mode not in PADDINGS:
-        raise ValueError(
+        raise InputError(
             f"padding_mode must be one of {sorted(PADDINGS)} (reflection is not supported), got {padding_mode!r}"
         )
     if inp.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2:
-        raise ValueError(
+        raise InputError(
             f"expected input (N, C, H, W) and grid (N, H_out, W_out, 2), got {tuple(inp.shape)} and {tuple(grid.shape)}"
         )
     if grid.shape[0] != inp.shape[0]:
-        raise ValueError(f"grid batch {grid.shape[0]} does not match input batch {inp.shape[0]}")
+        raise InputError(f"grid batch {grid.shape[0]} does not match input batch {inp.shape[0]}")
     if inp.dtype not in STORAGE_DTYPES or grid.dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtypes must be float32, float16 or bfloat16, got {inp.dtype} and {grid.dtype}")
+        raise InputError(f"dtypes must be float32, float16 or bfloat16, got {inp.dtype} and {grid.dtype}")
     if inp.device != grid.device:
-        raise ValueError(f"input on {inp.device} but grid on {grid.device}")
+        raise InputError(f"input on {inp.device} but grid on {grid.device}")
     n, c, h_in, w_in = inp.shape
     _, h_out, w_out, _ = grid.shape
     layout = torch.channels_last if inp.is_contiguous(memory_format=torch.channels_last) and c > 1 else None

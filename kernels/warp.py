@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 _STATE = {
     "enabled": os.environ.get("LEO_RT_KERNELS", "1").lower() not in ("0", "off", "false", "no"),
     "onnx_custom": False,
@@ -70,22 +72,22 @@ def check_warp_inputs(feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor)
     """Clear errors for inputs the op does not take."""
     for name, t in (("feat", feat), ("logits", logits), ("h", h)):
         if t.dim() != 4:
-            raise ValueError(f"warp_blend: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+            raise InputError(f"warp_blend: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise ValueError(f"warp_blend: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+            raise InputError(f"warp_blend: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
     b, c, hh, ww = h.shape
     if logits.shape != (b, 3, hh, ww):
-        raise ValueError(
+        raise InputError(
             f"warp_blend: logits must be ({b}, 3, {hh}, {ww}) to match h {tuple(h.shape)}, got {tuple(logits.shape)}"
         )
     if feat.shape[1:] != h.shape[1:] or feat.shape[0] not in (1, b):
-        raise ValueError(f"warp_blend: feat must be (1 or {b}, {c}, {hh}, {ww}) to match h, got {tuple(feat.shape)}")
+        raise InputError(f"warp_blend: feat must be (1 or {b}, {c}, {hh}, {ww}) to match h, got {tuple(feat.shape)}")
     if feat.dtype != h.dtype:
-        raise ValueError(f"warp_blend: feat ({feat.dtype}) and h ({h.dtype}) must share a dtype")
+        raise InputError(f"warp_blend: feat ({feat.dtype}) and h ({h.dtype}) must share a dtype")
     if hh < 2 or ww < 2:
-        raise ValueError(f"warp_blend: maps must be at least 2×2 (the base grid divides by size − 1), got {hh}×{ww}")
+        raise InputError(f"warp_blend: maps must be at least 2×2 (the base grid divides by size − 1), got {hh}×{ww}")
     if not (feat.device == logits.device == h.device):
-        raise ValueError(f"warp_blend: inputs on different devices ({feat.device}, {logits.device}, {h.device})")
+        raise InputError(f"warp_blend: inputs on different devices ({feat.device}, {logits.device}, {h.device})")
 
 
 def warp_blend_reference(

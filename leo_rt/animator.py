@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_lia, read_checkpoint, save_lia
+from .errors import InputError
 from .fast import FastEncoder, FastRenderer, SourceState
 from .model import LIA, LIAConfig
 
@@ -53,7 +54,7 @@ class Animator:
         s = self.size
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(
+            raise InputError(
                 f"{what} must be a (B, 3, {s}, {s}) tensor in [-1, 1], got {shape}; load files with "
                 f"leo_rt.io.load_image(path, {s}), which center-crops and resizes"
             )
@@ -78,9 +79,9 @@ class Animator:
         m = self.config.motion_dim
         if not isinstance(alpha, torch.Tensor) or alpha.dim() != 2 or alpha.shape[1] != m:
             shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
-            raise ValueError(f"alpha must be an (N, {m}) tensor of motion codes, got {shape}")
+            raise InputError(f"alpha must be an (N, {m}) tensor of motion codes, got {shape}")
         if source.batch not in (1, alpha.shape[0]):
-            raise ValueError(
+            raise InputError(
                 f"a source state of batch {source.batch} cannot render {alpha.shape[0]} frames: encode one source "
                 "(batch 1, shared by every frame) or one source per frame"
             )

@@ -26,13 +26,10 @@ from pathlib import Path
 import torch
 
 from .animator import Animator
+from .errors import BackendUnavailable
 from .fast import SourceState
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that cannot run here; the message names the ones that would and what to install."""
 
 
 class _Backend:

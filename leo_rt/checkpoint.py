@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .files import save_checkpoint_dir
 from .model import LIA, LIAConfig
 
@@ -29,10 +30,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _META_KEY = "leo_rt_config"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read or does not fit the animator; the message says what to do."""
 
 
 def _sniff(path: Path) -> str:

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .errors import InputError
 from .io import RESIZE_POLICY
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -225,7 +226,7 @@ def cmd_demo(args) -> int:
 
     keep_heap_memory()
     if args.frames < 1:
-        raise ValueError(f"--frames must be at least 1, got {args.frames}")
+        raise InputError(f"--frames must be at least 1, got {args.frames}")
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     if args.checkpoint:

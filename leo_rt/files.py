@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -42,7 +44,7 @@ def save_checkpoint_dir(
 
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; leo_rt checkpoints are directories")
+        raise InputError(f"{path} exists and is not a directory; leo_rt checkpoints are directories")
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path / weights_file) as tmp:

@@ -18,13 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import MediaError
 from .files import atomic_path
 
 RESIZE_POLICY = "center-crop to a square, then bicubic resize to SIZE×SIZE (never stretched)"
-
-
-class MediaError(ValueError):
-    """An image or video could not be read or written; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------------- images

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError
+
 FORMAT_NAME = "leo_rt.lmdm"
 
 
@@ -44,16 +46,16 @@ class LMDMConfig:
     def __post_init__(self):
         stride = 2 ** (len(self.channel_mults) - 1)
         if self.chunk < 2 or self.chunk % stride:
-            raise ValueError(
+            raise InputError(
                 f"chunk must be a multiple of {stride} (the U-Net halves it {stride // 2 or 1}×), got {self.chunk}"
             )
         if self.channels % self.groups:
-            raise ValueError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
+            raise InputError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
 
     @classmethod
     def from_name(cls, name: str) -> LMDMConfig:
         if name not in LMDM_PRESETS:
-            raise ValueError(f"unknown LMDM preset {name!r}; choose one of {sorted(LMDM_PRESETS)}")
+            raise InputError(f"unknown LMDM preset {name!r}; choose one of {sorted(LMDM_PRESETS)}")
         return LMDM_PRESETS[name]
 
     def to_dict(self) -> dict:
@@ -66,7 +68,7 @@ class LMDMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown LMDM config fields {sorted(unknown)}; known fields: {sorted(known)}")
+            raise InputError(f"unknown LMDM config fields {sorted(unknown)}; known fields: {sorted(known)}")
         d = dict(d)
         if "channel_mults" in d:
             d["channel_mults"] = tuple(d["channel_mults"])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError
 from .kernels.warp import base_grid
 
 SQRT2 = math.sqrt(2.0)
@@ -34,7 +35,7 @@ class LIAConfig:
 
     def __post_init__(self):
         if self.size < 8 or self.size & (self.size - 1):
-            raise ValueError(f"size must be a power of two >= 8, got {self.size}; the official sizes are 128, 256, 512")
+            raise InputError(f"size must be a power of two >= 8, got {self.size}; the official sizes are 128, 256, 512")
 
     @property
     def log_size(self) -> int:
@@ -54,7 +55,7 @@ class LIAConfig:
     @classmethod
     def from_name(cls, name: str) -> LIAConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown animator preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown animator preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]
 
     def to_dict(self) -> dict:
@@ -65,7 +66,7 @@ class LIAConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown animator config fields {sorted(unknown)}; known fields: {sorted(known)}")
+            raise InputError(f"unknown animator config fields {sorted(unknown)}; known fields: {sorted(known)}")
         return cls(**d)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .animator import Animator
+from .errors import InputError
 from .fast import SourceState
 from .io import to_model
 from .lmdm import LMDM
@@ -39,7 +40,7 @@ class MotionSampler:
         stride = 2 ** (len(cfg.channel_mults) - 1)
         self.chunk = cfg.chunk if chunk is None else chunk
         if not (2 <= self.chunk <= cfg.chunk and self.chunk % stride == 0):
-            raise ValueError(
+            raise InputError(
                 f"chunk must be a multiple of {stride} between {stride} and the trained {cfg.chunk}, got {self.chunk}"
             )
         self.model = model.eval()
@@ -62,11 +63,11 @@ class MotionSampler:
         m = self.model
         b, k, d = known.shape
         if k < 1 or k > m.cfg.max_prefix:
-            raise ValueError(
+            raise InputError(
                 f"the fixed prefix must hold 1 … {m.cfg.max_prefix} codes (this LMDM's max_prefix), got {k}"
             )
         if d != m.cfg.motion_dim:
-            raise ValueError(f"codes have {d} channels but this LMDM models {m.cfg.motion_dim}")
+            raise InputError(f"codes have {d} channels but this LMDM models {m.cfg.motion_dim}")
         dev, dt = m.data_std.device, m.data_std.dtype
         known = known.to(dev, dt)
         alpha_1 = known[:, 0]
@@ -94,7 +95,7 @@ class MotionSampler:
         None. Sampling is reproducible for a given seed on a given device."""
         top = min(self.chunk - 2, self.model.cfg.max_prefix - 1)
         if not 0 <= overlap <= top:
-            raise ValueError(f"overlap must be between 0 and {top} for this LMDM, got {overlap}")
+            raise InputError(f"overlap must be between 0 and {top} for this LMDM, got {overlap}")
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.model.data_std.device).manual_seed(seed)
@@ -126,9 +127,9 @@ def generate(
     """Frames (n, 3, S, S) for a source image (1, 3, S, S): the source is encoded once, codes are sampled chunk
     after chunk starting from the source's own code, and each chunk is rendered in batches as it arrives."""
     if n_frames < 1:
-        raise ValueError(f"n_frames must be at least 1, got {n_frames}")
+        raise InputError(f"n_frames must be at least 1, got {n_frames}")
     if sampler.model.cfg.motion_dim != animator.config.motion_dim:
-        raise ValueError(
+        raise InputError(
             f"the LMDM models {sampler.model.cfg.motion_dim}-d codes but the animator uses "
             f"{animator.config.motion_dim}-d ones"
         )
@@ -160,7 +161,7 @@ def video_codes(animator: Animator, frames: Iterable[np.ndarray], batch: int = 1
     if chunk:
         out.append(animator.encode_motion(to_model(np.stack(chunk))))
     if not out:
-        raise ValueError("the video holds no frames")
+        raise InputError("the video holds no frames")
     return torch.cat(out)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .animator import Animator
+from .errors import InputError
 from .io import to_model
 from .timing import StageTimer
 
@@ -22,7 +23,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for but this torch sees no CUDA device; use --device cpu")
+        raise InputError(f"device {spec!r} was asked for but this torch sees no CUDA device; use --device cpu")
     return dev
 
 
@@ -50,7 +51,7 @@ def reenact(
     lazily). Yields rendered batches (n, 3, S, S). Relative mode (the published demo's default) moves the
     source by the driving motion since the first driving frame: alpha = alpha_drv − alpha_start + alpha_src."""
     if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+        raise InputError(f"batch must be at least 1, got {batch}")
     timer = timer or StageTimer(animator.device)
     with timer.stage("source"):
         state = animator.encode_source(source)

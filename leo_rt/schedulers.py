@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .errors import InputError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "logsnr")
 BETA_SCHEDULES = ("linear", "cosine")
@@ -26,7 +28,7 @@ def make_alphas_cumprod(
     2020). Cosine: ᾱ_t = f(t+1)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), s = 0.008, with β clipped at 0.999
     (Nichol & Dhariwal 2021)."""
     if num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}")
+        raise InputError(f"num_train_timesteps must be at least 1, got {num_train_timesteps}")
     if beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
     elif beta_schedule == "cosine":
@@ -34,7 +36,7 @@ def make_alphas_cumprod(
         f = torch.cos((torch.arange(n + 1, dtype=torch.float64) / n + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     else:
-        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
+        raise InputError(f"unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}")
     return torch.cumprod(1 - betas, dim=0)
 
 
@@ -56,10 +58,10 @@ class _Scheduler:
         self.clip_sample = clip_sample
         spacing = timestep_spacing or self.default_spacing
         if spacing not in SPACINGS:
-            raise ValueError(f"unknown timestep_spacing {spacing!r}; choose one of {SPACINGS}")
+            raise InputError(f"unknown timestep_spacing {spacing!r}; choose one of {SPACINGS}")
         self.timestep_spacing = spacing
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+            raise InputError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.alphas_cumprod = make_alphas_cumprod(num_train_timesteps, beta_schedule, beta_start, beta_end)
@@ -72,9 +74,9 @@ class _Scheduler:
         distinct integer timesteps."""
         n, big_t = num_inference_steps, self.num_train_timesteps
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {n!r}")
+            raise InputError(f"num_inference_steps must be a positive integer, got {n!r}")
         if n > big_t:
-            raise ValueError(f"num_inference_steps={n} exceeds the {big_t} training timesteps; use at most {big_t}")
+            raise InputError(f"num_inference_steps={n} exceeds the {big_t} training timesteps; use at most {big_t}")
         if self.timestep_spacing == "leading":
             self.timesteps = torch.arange(n - 1, -1, -1, dtype=torch.long) * (big_t // n)
         else:
@@ -92,7 +94,7 @@ class _Scheduler:
     def prev_timestep(self, t: int) -> int:
         """The timestep after t in the current sequence; −1 means the clean sample (ᾱ = 1)."""
         if int(t) not in self._prev:
-            raise ValueError(f"timestep {t} is not in the current sequence; call set_timesteps(n) first")
+            raise InputError(f"timestep {t} is not in the current sequence; call set_timesteps(n) first")
         return self._prev[int(t)]
 
     def alpha_bar(self, t: int) -> float:
@@ -156,7 +158,7 @@ class DDIMScheduler(_Scheduler):
     def __init__(self, *args, eta: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+            raise InputError(f"eta must be >= 0, got {eta}")
         self.eta = eta
 
     def step(self, model_output, t, x, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -227,5 +229,5 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMult
 def make_scheduler(name: str, eta: float = 0.0, **kwargs) -> _Scheduler:
     """A sampler by CLI name ('ddpm', 'ddim', 'dpm++'); eta applies to DDIM only."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise InputError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return DDIMScheduler(eta=eta, **kwargs) if name == "ddim" else SAMPLERS[name](**kwargs)

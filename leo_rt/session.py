@@ -25,6 +25,7 @@ import torch
 
 from .animator import Animator, load_animator
 from .backends import choose_backend, make_backend
+from .errors import InputError
 from .fast import SourceState
 from .io import load_image, to_model, to_uint8
 from .timing import StageTimer
@@ -55,7 +56,7 @@ class Session:
 
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         if precision not in dtypes:
-            raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+            raise InputError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
         self.device = resolve_device(device)
         engines_dir, checkpoint = None, checkpoint_or_engines
         if isinstance(checkpoint_or_engines, Animator):
@@ -72,7 +73,7 @@ class Session:
         eager_dtype = dtypes[precision] if self.backend_name in ("torch", "compile") else torch.float32
         if animator is None:
             if checkpoint is None:
-                raise ValueError(f"{engines_dir} holds no record of its checkpoint; pass the checkpoint itself")
+                raise InputError(f"{engines_dir} holds no record of its checkpoint; pass the checkpoint itself")
             animator = load_animator(checkpoint, size=size, device=self.device, dtype=eager_dtype)
         self.animator = animator
         self.backend = make_backend(self.backend_name, animator, checkpoint, engines_dir, log, precision=precision)
@@ -101,7 +102,7 @@ class Session:
         """Frames for motion codes (N, D) from the started source (absolute mode)."""
         state = state or self.state
         if state is None:
-            raise ValueError("no source: call session.start(image) first")
+            raise InputError("no source: call session.start(image) first")
         with self.timer.stage("render", alpha.shape[0]):
             return self.backend.render(state, alpha)
 
@@ -123,13 +124,13 @@ class Session:
         from .motion import MotionSampler
 
         if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+            raise InputError(f"policy must be one of {POLICIES}, got {policy!r}")
         if output not in ("tensor", "uint8"):
-            raise ValueError(f"output must be 'tensor' or 'uint8', got {output!r}")
+            raise InputError(f"output must be 'tensor' or 'uint8', got {output!r}")
         if batch < 1 or queue_size < 1:
-            raise ValueError(f"batch and queue_size must be at least 1, got {batch} and {queue_size}")
+            raise InputError(f"batch and queue_size must be at least 1, got {batch} and {queue_size}")
         if self.state is None:
-            raise ValueError("no source: call session.start(image) first")
+            raise InputError("no source: call session.start(image) first")
         if isinstance(codes, MotionSampler):
             sampler = codes
             start = self.state.alpha_src[:1].to(sampler.model.data_std)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .animator import Animator
+from .errors import InputError
 from .files import atomic_path
 from .io import iter_video, video_info
 from .lmdm import LMDM, LMDMConfig, load_lmdm, save_lmdm
@@ -52,29 +53,29 @@ class MotionCodes:
         """Read and validate a codes file written by `leo-rt extract-motion`."""
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"codes file {path} does not exist; make one with `leo-rt extract-motion`")
+            raise InputError(f"codes file {path} does not exist; make one with `leo-rt extract-motion`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 files = set(z.files)
                 arrays = {k: z[k] for k in files & {"codes", "lengths", "fps", "names"}}
         except (OSError, ValueError) as e:
-            raise ValueError(f"could not read codes file {path} ({e}); make one with `leo-rt extract-motion`") from None
+            raise InputError(f"could not read codes file {path} ({e}); make one with `leo-rt extract-motion`") from None
         missing = {"codes", "lengths"} - files
         if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}: not a codes file from `leo-rt extract-motion`")
+            raise InputError(f"{path} lacks {sorted(missing)}: not a codes file from `leo-rt extract-motion`")
         codes, lengths = arrays["codes"], arrays["lengths"]
         fps = arrays.get("fps", np.full(len(lengths), np.nan))
         names = [str(n) for n in arrays["names"]] if "names" in arrays else [f"video{i}" for i in range(len(lengths))]
         if codes.ndim != 2:
-            raise ValueError(f"codes in {path} have shape {codes.shape}; expected (frames, motion_dim)")
+            raise InputError(f"codes in {path} have shape {codes.shape}; expected (frames, motion_dim)")
         if motion_dim is not None and codes.shape[1] != motion_dim:
-            raise ValueError(f"codes in {path} have {codes.shape[1]} channels but the model uses {motion_dim}-d codes")
+            raise InputError(f"codes in {path} have {codes.shape[1]} channels but the model uses {motion_dim}-d codes")
         if lengths.ndim != 1 or int(lengths.sum()) != codes.shape[0] or (lengths < 0).any():
-            raise ValueError(
+            raise InputError(
                 f"lengths in {path} (sum {int(lengths.sum())}) do not add up to the {codes.shape[0]} codes"
             )
         if not np.isfinite(codes).all():
-            raise ValueError(f"codes in {path} contain NaN or inf")
+            raise InputError(f"codes in {path} contain NaN or inf")
         return cls(codes.astype(np.float32), lengths.astype(np.int64), fps.astype(np.float64), names)
 
 
@@ -88,9 +89,9 @@ def find_videos(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise ValueError(f"{p} does not exist")
+            raise InputError(f"{p} does not exist")
     if not out:
-        raise ValueError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) found in {[str(i) for i in inputs]}")
+        raise InputError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) found in {[str(i) for i in inputs]}")
     return out
 
 
@@ -128,7 +129,7 @@ class _Windows:
         self.videos = [torch.from_numpy(v) for v in data.videos() if len(v) >= chunk]
         if not self.videos:
             longest = int(data.lengths.max()) if len(data.lengths) else 0
-            raise ValueError(
+            raise InputError(
                 f"no video has at least {chunk} frames (the longest has {longest}); use a preset with a "
                 "shorter chunk or longer videos"
             )
@@ -185,13 +186,13 @@ def train_lmdm(
         gen.set_state(saved["rng"])
     else:
         if resume:
-            raise ValueError(f"--resume was given but {state_path} does not exist; drop --resume to start afresh")
+            raise InputError(f"--resume was given but {state_path} does not exist; drop --resume to start afresh")
         lcfg = LMDMConfig.from_name(preset) if isinstance(preset, str) else preset
         model = LMDM(lcfg)
         start, saved = 0, None
     mcfg = model.cfg
     if data.codes.shape[1] != mcfg.motion_dim:
-        raise ValueError(f"codes have {data.codes.shape[1]} channels but the LMDM models {mcfg.motion_dim}")
+        raise InputError(f"codes have {data.codes.shape[1]} channels but the LMDM models {mcfg.motion_dim}")
     windows = _Windows(data, mcfg.chunk)
     if saved is None:
         for name, value in _statistics(windows, data, gen).items():
