@@ -1,0 +1,1 @@
+"""leo-rt serve: live avatars over WebRTC and WebSocket (see docs/ARCHITECTURE.md)."""
