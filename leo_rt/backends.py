@@ -1,19 +1,16 @@
-"""Backends: one small interface, a registry of lazy factories, and `auto`.
+"""Backends: runners (leo_rt.runner.Runner) behind one registry of named, lazily imported factories.
 
-A backend turns images into source states and motion codes, and (source state, alpha) into frames:
-
-    encode_source(images (1, 3, S, S)) -> SourceState
-    encode_motion(images (B, 3, S, S)) -> alpha (B, D)
-    render(state, alpha (N, D)) -> frames (N, 3, S, S)
-
-- torch: the eager fast form.
-- compile: torch.compile of the render and encode steps (Triton warp op inside on CUDA, CUDA graphs there via
-  mode="reduce-overhead"), batches padded to fixed buckets so shapes stay static.
-- onnxruntime: the exported ONNX stages in ONNX Runtime (CPU, or CUDA / TensorRT execution providers).
+- torch: the eager fast form (the Animator itself).
+- compile: torch.compile of the render and encode steps, batches padded to fixed buckets (split above the largest)
+  so each bucket compiles once; on CUDA mode="reduce-overhead" captures CUDA graphs and replays them.
+- compile-no-graphs: the same compiled code without CUDA graphs (the fallback where graph capture fails).
+- onnxruntime: the exported ONNX stages in ONNX Runtime (CPU).
 - aoti: the exported AOTInductor packages.
-- tensorrt: TensorRT engines built from the ONNX stages (unverified here: TensorRT is not installable).
+- tensorrt: TensorRT engines built from the ONNX stages (unverified: TensorRT is not installable where leo_rt is
+  tested, so `auto` never picks it).
 Heavy dependencies are imported inside the factories. Exported artifacts are cached per checkpoint under
-$LEO_RT_CACHE (default ~/.cache/leo_rt/engines).
+$LEO_RT_CACHE (default ~/.cache/leo_rt/engines). Every backend runs on the frame core's device worker
+(leo_rt.core), never from two threads. How to add one: docs/ARCHITECTURE.md §5.
 """
 
 from __future__ import annotations
@@ -21,21 +18,36 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .animator import Animator
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, InputError
 from .fast import SourceState
+from .precision import Precision
+from .runner import relative_alpha, render_by_source
 
 BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
-class _Backend:
-    """What every backend shares: the animator it was made from (config, size, device, relative_alpha)."""
+def bucket(n: int) -> int:
+    """The smallest bucket holding n frames (n ≤ the largest bucket)."""
+    return next(b for b in BUCKETS if b >= n)
+
+
+def split(t: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Rows of t in consecutive chunks of at most `size` (the one batching helper of the library)."""
+    return [t[i : i + size] for i in range(0, t.shape[0], size)] or [t]
+
+
+class _Wrapped:
+    """What a backend shares with the animator it was made from: config, size, device, relative mode, and the
+    eager source encoder (a source is encoded once per stream, so compiling it buys nothing)."""
 
     animator: Animator
+    name: str
 
     @property
     def config(self):
@@ -49,63 +61,76 @@ class _Backend:
     def device(self) -> torch.device:
         return self.animator.device
 
-    def relative_alpha(self, source: SourceState, alpha_drv: torch.Tensor, alpha_start: torch.Tensor):
-        return self.animator.relative_alpha(source, alpha_drv, alpha_start)
-
-
-class TorchBackend(_Backend):
-    name = "torch"
-
-    def __init__(self, animator: Animator):
-        self.animator = animator
-
     def encode_source(self, images: torch.Tensor) -> SourceState:
         return self.animator.encode_source(images)
 
-    def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
-        return self.animator.encode_motion(images)
-
-    def render(self, state: SourceState, alpha: torch.Tensor) -> torch.Tensor:
-        return self.animator.render(state, alpha)
+    def relative_alpha(self, source: SourceState, alpha_drv: torch.Tensor, alpha_start: torch.Tensor):
+        return relative_alpha(source, alpha_drv, alpha_start)
 
 
-def _bucket(n: int) -> int:
-    return next((b for b in BUCKETS if b >= n), n)
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t with its last row repeated up to n rows."""
+    return t if t.shape[0] == n else torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
 
 
-class CompileBackend(TorchBackend):
-    """torch.compile of the render step (and the encoder) with batches padded to BUCKETS, so that each bucket
-    compiles once; on CUDA mode="reduce-overhead" captures CUDA graphs and replays them."""
+class CompileBackend(_Wrapped):
+    """torch.compile of the render step (and the motion encoder) with batches padded to BUCKETS and split above the
+    largest, so each bucket compiles once (in `warmup`, not mid-stream). With CUDA graphs every output is copied out
+    of the graph's memory before the call returns: the next replay overwrites it."""
 
-    name = "compile"
-
-    def __init__(self, animator: Animator):
-        super().__init__(animator)
-        mode = "reduce-overhead" if animator.device.type == "cuda" else None
+    def __init__(self, animator: Animator, cuda_graphs: bool = True):
+        self.animator = animator
+        self.cuda_graphs = cuda_graphs and animator.device.type == "cuda"
+        self.name = "compile" if cuda_graphs else "compile-no-graphs"
+        mode = "reduce-overhead" if self.cuda_graphs else None
         self._render = torch.compile(animator.renderer, mode=mode, dynamic=False)
         self._encode = torch.compile(animator.encoder, mode=mode, dynamic=False)
 
+    def _step(self, fn, *args):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args)
+
     def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
         x = self.animator._images(images, "driving images")
-        n = x.shape[0]
-        if _bucket(n) != n:
-            x = torch.cat([x, x[-1:].expand(_bucket(n) - n, -1, -1, -1)])
+        out = []
         with torch.no_grad():
-            w_a, _ = self._encode(x)
-            return self.animator.encoder.motion_from_wa(w_a[:n]).clone()
+            for part in split(x, BUCKETS[-1]):
+                w_a, _ = self._step(self._encode, _pad(part, bucket(part.shape[0])))
+                out.append(self.animator.encoder.motion_from_wa(w_a[: part.shape[0]]).clone())
+        return torch.cat(out)
 
-    def render(self, state: SourceState, alpha: torch.Tensor) -> torch.Tensor:
-        a = alpha.to(self.animator.device, self.animator.dtype)
-        n = a.shape[0]
-        if state.batch != 1:
+    def render(self, state: SourceState, alpha: torch.Tensor, src_index: torch.Tensor | None = None) -> torch.Tensor:
+        if src_index is None and state.batch != 1:
             return self.animator.render(state, alpha)  # paired sources: not the streaming case
-        if _bucket(n) != n:
-            a = torch.cat([a, a[-1:].expand(_bucket(n) - n, -1)])
+        a = alpha.to(self.animator.device, self.animator.dtype)
+        if src_index is not None:
+            src_index = src_index.to(a.device)
+        out = []
         with torch.no_grad():
-            return self._render(a, state.styles0, state.feats)[:n].clone()
+            for i in range(0, max(a.shape[0], 1), BUCKETS[-1]):
+                part = a[i : i + BUCKETS[-1]]
+                n, b = part.shape[0], bucket(max(part.shape[0], 1))
+                if n == 0:
+                    return self.animator.render(state, alpha, src_index)
+                idx = None if src_index is None else _pad(src_index[i : i + n], b)
+                extra = () if idx is None else (idx,)
+                frames = self._step(self._render, _pad(part, b), state.styles0, state.feats, *extra)
+                out.append(frames[:n].clone())
+        return torch.cat(out)
+
+    def warmup(self, batches: tuple[int, ...] | None = None) -> None:
+        """Compile (and capture) every bucket the given batch sizes use (all buckets by default)."""
+        buckets = sorted({bucket(min(b, BUCKETS[-1])) for b in (batches or BUCKETS)})
+        s = self.size
+        state = self.encode_source(torch.zeros(1, 3, s, s, device=self.device))
+        for b in buckets:
+            alpha = torch.zeros(b, self.config.motion_dim, device=self.device)
+            self.render(state, alpha)
+            self.render(state, alpha)  # a second call: CUDA-graph trees record on the first, capture after
 
 
-class ExportedBackend(_Backend):
+class ExportedBackend(_Wrapped):
     """Runs exported stages (ONNX Runtime sessions or AOTInductor packages) from a verified manifest."""
 
     def __init__(self, name: str, animator: Animator, engines_dir: Path, fmt: str):
@@ -117,8 +142,7 @@ class ExportedBackend(_Backend):
         self._motion = ExportedStage(engines_dir, "motion_encoder", fmt, {"size": animator.size})
         self._render = ExportedStage(engines_dir, "renderer", fmt, {"size": animator.size})
         self._max = self._render.entry["batch"]["max"]
-        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        self._dtype = dtypes[self._render.entry["precision"]]
+        self._dtype = Precision.parse(self._render.entry["precision"]).dtype
 
     def _in(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self._dev, self._dtype).contiguous()  # the stages take contiguous NCHW tensors
@@ -130,73 +154,18 @@ class ExportedBackend(_Backend):
 
     def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
         x = self._in(self.animator._images(images, "driving images"))
-        return torch.cat([self._motion(x[i : i + self._max])[0] for i in range(0, x.shape[0], self._max)]).to(self._dev)
+        return torch.cat([self._motion(part)[0] for part in split(x, self._max)]).to(self._dev)
 
-    def render(self, state: SourceState, alpha: torch.Tensor) -> torch.Tensor:
-        a = self._in(alpha)
+    def render(self, state: SourceState, alpha: torch.Tensor, src_index: torch.Tensor | None = None) -> torch.Tensor:
+        if src_index is not None:
+            return render_by_source(self.render, state, alpha, src_index)
         feats = [self._in(f) for f in state.feats]
         styles0 = state.styles0.to(self._dev, torch.float32).contiguous()  # styles stay fp32 in every stage
-        chunks = [self._render(a[i : i + self._max], styles0, *feats)[0] for i in range(0, a.shape[0], self._max)]
+        chunks = [self._render(part, styles0, *feats)[0] for part in split(self._in(alpha), self._max)]
         return torch.cat(chunks).to(self._dev)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LEO_RT_CACHE", Path.home() / ".cache" / "leo_rt" / "engines"))
-
-
-def _exported(name: str, fmt: str) -> Callable:
-    def factory(animator: Animator, checkpoint, engines_dir: Path | None, log, precision="fp32") -> ExportedBackend:
-        from .export import export_checkpoint, state_dict_hash
-
-        if fmt == "onnx" and precision != "fp32":
-            raise BackendUnavailable(
-                "the onnxruntime backend runs the fp32 ONNX files; use --precision fp32, or the "
-                "aoti / compile backends for bf16"
-            )
-        if engines_dir is None:
-            if checkpoint is None:
-                raise BackendUnavailable(f"the {name} backend needs a checkpoint file or an engines directory")
-            digest = state_dict_hash(animator.state_dict())[:16]
-            engines_dir = cache_dir() / f"{digest}-{animator.size}"
-            export_checkpoint(
-                checkpoint, engines_dir, formats=(fmt,), precision=precision, device=str(animator.device), log=log
-            )
-        return ExportedBackend(name, animator, Path(engines_dir), fmt)
-
-    return factory
-
-
-def _why_not(name: str, device: torch.device) -> str | None:
-    """None when the backend can run on `device`, else the reason and the fix."""
-    has = importlib.util.find_spec
-    if name in ("torch",):
-        return None
-    if name == "compile":
-        if device.type == "cpu" and not _have_cxx():
-            return "torch.compile on CPU needs a C++ compiler (install g++)"
-        return None
-    if name == "onnxruntime":
-        if has("onnxruntime") is None or has("onnx") is None or has("onnxscript") is None:
-            return "needs onnxruntime, onnx and onnxscript (pip install onnxruntime onnx onnxscript)"
-        if device.type == "cuda":
-            return "this leo_rt runs ONNX Runtime on CPU only; use the compile or tensorrt backend on CUDA"
-        return None
-    if name == "aoti":
-        return None if device.type == "cuda" or _have_cxx() else "AOTInductor on CPU needs a C++ compiler (g++)"
-    if name == "tensorrt":
-        if has("tensorrt") is None:
-            return "needs NVIDIA TensorRT 10 (pip install tensorrt) and a CUDA GPU"
-        return None if device.type == "cuda" else "TensorRT needs a CUDA device"
-    return f"unknown backend {name!r}"
-
-
-def _have_cxx() -> bool:
-    import shutil
-
-    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-
-
-class TensorRTBackend(_Backend):  # pragma: no cover - needs TensorRT and a GPU; unverified here
+class TensorRTBackend(_Wrapped):  # pragma: no cover - needs TensorRT and a GPU; unverified here
     """Engines from the export cache, run on torch's CUDA stream with preallocated outputs."""
 
     name = "tensorrt"
@@ -225,50 +194,170 @@ class TensorRTBackend(_Backend):  # pragma: no cover - needs TensorRT and a GPU;
     def encode_motion(self, images: torch.Tensor) -> torch.Tensor:
         return self._run("motion_encoder", {"image": self.animator._images(images, "driving images")})["alpha"]
 
-    def render(self, state: SourceState, alpha: torch.Tensor) -> torch.Tensor:
+    def render(self, state: SourceState, alpha: torch.Tensor, src_index: torch.Tensor | None = None) -> torch.Tensor:
+        if src_index is not None:
+            return render_by_source(self.render, state, alpha, src_index)
         feeds = {"alpha": alpha, "styles0": state.styles0.float()}
         feeds.update({f"feat_{r}": f for r, f in zip(self.animator.config.resolutions, state.feats, strict=True)})
         return self._run("renderer", feeds)["frames"]
 
 
-def _tensorrt(animator: Animator, checkpoint, engines_dir, log, precision="fp32"):  # pragma: no cover
+# ------------------------------------------------------------------------------------------------- registry
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LEO_RT_CACHE", Path.home() / ".cache" / "leo_rt" / "engines"))
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What a backend factory gets: the animator (built in the backend's precision), the checkpoint it came from
+    (None for an in-memory animator), an engines folder when given, the precision and a log callback."""
+
+    animator: Animator
+    checkpoint: object
+    engines_dir: Path | None
+    precision: Precision
+    log: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    summary: str
+    factory: Callable[[BuildRequest], object]
+    why_not: Callable[[torch.device], str | None]
+    eager_precision: bool = True  # the animator it wraps runs in the session's precision (else fp32 + artifacts)
+    verified: bool = True  # has run where leo_rt is tested; `auto` picks only verified backends
+
+
+def _have_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def _needs_compiler(device: torch.device) -> str | None:
+    if device.type == "cpu" and not _have_cxx():
+        return "torch.compile on CPU needs a C++ compiler (install g++)"
+    return None
+
+
+def _needs_onnxruntime(device: torch.device) -> str | None:
+    has = importlib.util.find_spec
+    if has("onnxruntime") is None or has("onnx") is None or has("onnxscript") is None:
+        return "needs onnxruntime, onnx and onnxscript (pip install onnxruntime onnx onnxscript)"
+    if device.type == "cuda":
+        return "this leo_rt runs ONNX Runtime on CPU only; use the compile backend on CUDA"
+    return None
+
+
+def _needs_aoti(device: torch.device) -> str | None:
+    return None if device.type == "cuda" or _have_cxx() else "AOTInductor on CPU needs a C++ compiler (g++)"
+
+
+def _needs_tensorrt(device: torch.device) -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "needs NVIDIA TensorRT 10 (pip install tensorrt) and a CUDA GPU"
+    return None if device.type == "cuda" else "TensorRT needs a CUDA device"
+
+
+def _engines_for(req: BuildRequest, fmt: str) -> Path:
+    """The engines folder to run: the one given, else the cache entry of this checkpoint (exported when missing)."""
     from .export import export_checkpoint, state_dict_hash
 
-    if engines_dir is None:
-        digest = state_dict_hash(animator.state_dict())[:16]
-        engines_dir = cache_dir() / f"{digest}-{animator.size}"
-        export_checkpoint(checkpoint, engines_dir, formats=("trt",), precision=precision, log=log)
-    return TensorRTBackend(animator, Path(engines_dir))
+    if req.engines_dir is not None:
+        return req.engines_dir
+    if req.checkpoint is None:
+        raise BackendUnavailable(f"the {fmt} artifacts need a checkpoint file or an engines directory")
+    digest = state_dict_hash(req.animator.state_dict())[:16]
+    engines_dir = cache_dir() / f"{digest}-{req.animator.size}"
+    export_checkpoint(
+        req.checkpoint,
+        engines_dir,
+        formats=(fmt,),
+        precision=req.precision.value if req.precision is not Precision.TF32 else "fp32",
+        device=str(req.animator.device),
+        log=req.log,
+    )
+    return engines_dir
 
 
-BACKENDS: dict[str, Callable] = {
-    "torch": lambda animator, checkpoint, engines_dir, log, precision="fp32": TorchBackend(animator),
-    "compile": lambda animator, checkpoint, engines_dir, log, precision="fp32": CompileBackend(animator),
-    "onnxruntime": _exported("onnxruntime", "onnx"),
-    "aoti": _exported("aoti", "aoti"),
-    "tensorrt": _tensorrt,
+def _onnxruntime(req: BuildRequest) -> ExportedBackend:
+    if req.precision not in (Precision.FP32, Precision.TF32):
+        raise BackendUnavailable(
+            "the onnxruntime backend runs the fp32 ONNX files; use --precision fp32, or the aoti / compile "
+            "backends for 16-bit precisions"
+        )
+    return ExportedBackend("onnxruntime", req.animator, _engines_for(req, "onnx"), "onnx")
+
+
+def _tensorrt(req: BuildRequest) -> TensorRTBackend:  # pragma: no cover - needs TensorRT and a GPU
+    return TensorRTBackend(req.animator, _engines_for(req, "trt"))
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("torch", "the eager fast form", lambda req: req.animator, lambda d: None),
+        BackendSpec(
+            "compile",
+            "torch.compile, buckets of 1…32 frames, CUDA graphs on CUDA",
+            lambda req: CompileBackend(req.animator),
+            _needs_compiler,
+        ),
+        BackendSpec(
+            "compile-no-graphs",
+            "torch.compile without CUDA graphs (fallback)",
+            lambda req: CompileBackend(req.animator, cuda_graphs=False),
+            _needs_compiler,
+        ),
+        BackendSpec(
+            "onnxruntime",
+            "exported ONNX stages in ONNX Runtime (CPU)",
+            _onnxruntime,
+            _needs_onnxruntime,
+            eager_precision=False,
+        ),  # fmt: skip
+        BackendSpec(
+            "aoti",
+            "exported AOTInductor packages",
+            lambda req: ExportedBackend("aoti", req.animator, _engines_for(req, "aoti"), "aoti"),
+            _needs_aoti,
+            eager_precision=False,
+        ),
+        BackendSpec(
+            "tensorrt",
+            "TensorRT 10 engines (unverified, opt-in)",
+            _tensorrt,
+            _needs_tensorrt,
+            eager_precision=False,
+            verified=False,
+        ),  # fmt: skip
+    )
 }
 # Measured order: on the 2-core CPU the eager fast form renders as fast as ONNX Runtime and encodes faster
-# (benchmarks/RESULTS.md, bench_runtime); on CUDA engines and compiled graphs are expected ahead (unmeasured).
-PREFERENCE = {"cuda": ("tensorrt", "compile", "torch"), "cpu": ("torch",)}
+# (benchmarks/RESULTS.md); on CUDA compiled graphs are expected ahead (the GPU check measures it).
+PREFERENCE = {"cuda": ("compile", "torch"), "cpu": ("torch",)}
 
 
 def backend_status(device: torch.device | str) -> dict[str, str | None]:
     """Every backend with None (available) or the reason it is not."""
     device = torch.device(device)
-    return {name: _why_not(name, device) for name in BACKENDS}
+    return {name: spec.why_not(device) for name, spec in BACKENDS.items()}
 
 
 def choose_backend(name: str, device: torch.device | str) -> str:
-    """Resolve 'auto' to the fastest available backend for the device; check a named one is available."""
+    """Resolve 'auto' to the preferred available backend for the device; check a named one is available."""
     device = torch.device(device)
     status = backend_status(device)
     if name == "auto":
-        return next(b for b in PREFERENCE.get(device.type, ("torch",)) if status.get(b) is None)
+        order = PREFERENCE.get(device.type, ("torch",))
+        return next(b for b in order if status.get(b) is None and BACKENDS[b].verified)
     if name not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)} or auto")
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
     if status[name] is not None:
-        ok = sorted(b for b, why in status.items() if why is None)
+        ok = [b for b, why in status.items() if why is None]
         raise BackendUnavailable(
             f"backend {name!r} is not available on {device}: {status[name]}. Available: {', '.join(ok)} (or auto)"
         )
@@ -276,6 +365,94 @@ def choose_backend(name: str, device: torch.device | str) -> str:
 
 
 def make_backend(
-    name: str, animator: Animator, checkpoint=None, engines_dir=None, log=lambda s: None, precision: str = "fp32"
+    name: str,
+    animator: Animator,
+    checkpoint=None,
+    engines_dir=None,
+    log: Callable[[str], None] = lambda s: None,
+    precision: Precision | str = "fp32",
 ):
-    return BACKENDS[name](animator, checkpoint, engines_dir, log, precision=precision)
+    """The runner of a named (not 'auto') backend over an animator."""
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    engines = Path(engines_dir) if engines_dir is not None else None
+    return BACKENDS[name].factory(BuildRequest(animator, checkpoint, engines, Precision.parse(precision), log))
+
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """'auto' → cuda when available else cpu; an unknown or absent device is a clear error."""
+    if str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {spec!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {spec!r} is not supported by leo_rt; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {spec!r} was asked for but this torch sees no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def open_runner(
+    source,
+    *,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    precision: Precision | str = "fp32",
+    size: int | None = None,
+    engines=None,
+    log: Callable[[str], None] | None = None,
+):
+    """(runner, backend name) for a checkpoint path, an Animator, or an engines folder (whose manifest records its
+    checkpoint), optionally with an engines folder given beside the checkpoint."""
+    from .animator import load_animator
+
+    log = log or (lambda s: None)
+    precision = Precision.parse(precision)
+    dev = resolve_device(device) if not isinstance(source, Animator) else source.device
+    animator, checkpoint, engines_dir = None, source, Path(engines) if engines is not None else None
+    if isinstance(source, Animator):
+        animator, checkpoint = source, None
+    elif isinstance(source, (str, os.PathLike)) and (Path(source) / "manifest.json").is_file():
+        engines_dir, checkpoint = Path(source), _engines_checkpoint(Path(source))
+    name = choose_backend(backend, dev)
+    if backend == "auto":
+        log(f"backend: {name} (auto, preferred available on {dev})")
+    spec = BACKENDS[name]
+    if animator is None:
+        if checkpoint is None:
+            raise BackendUnavailable(
+                f"{engines_dir} holds no readable record of its checkpoint; pass the checkpoint as well "
+                "(--checkpoint CKPT --engines DIR)"
+            )
+        dtype = precision.dtype if spec.eager_precision else torch.float32
+        animator = load_animator(checkpoint, size=size, device=dev, dtype=dtype)
+    if engines_dir is not None:
+        _check_engines(engines_dir, animator)
+    return make_backend(name, animator, checkpoint, engines_dir, log, precision), name
+
+
+def _check_engines(engines_dir: Path, animator: Animator) -> None:
+    """Refuse an engines folder exported from another checkpoint (its manifest records the state-dict hash)."""
+    from .export import read_manifest, state_dict_hash
+
+    recorded = read_manifest(engines_dir).get("checkpoint_sha256")
+    if recorded is not None and recorded.split("+")[0] != state_dict_hash(animator.state_dict()):
+        from .errors import ManifestError
+
+        raise ManifestError(
+            f"{engines_dir} was exported from another checkpoint (recorded hash {recorded[:12]}…); re-export it "
+            "with `leo-rt export --checkpoint CKPT --out DIR` or pass the checkpoint it was made from"
+        )
+
+
+def _engines_checkpoint(engines_dir: Path):
+    """The checkpoint an engines directory was exported from, when the manifest records a readable path."""
+    from .export import read_manifest
+
+    path = read_manifest(engines_dir).get("checkpoint_path")
+    return path if path and Path(path).exists() else None

@@ -1,4 +1,4 @@
-"""Motion-code pipelines: LMDM sampling chunk after chunk, generation of endless videos, and editing.
+"""LMDM motion: sampling chunk after chunk, without end (frames are rendered by leo_rt.session.Session.stream).
 
 Chunks chain through their first code: each new chunk starts at the last code emitted so far (overlap 0) or
 `overlap` codes before it, and those 1 + overlap codes are held fixed while sampling (replacement: at every
@@ -8,18 +8,13 @@ smoothly. Each chunk after the first adds chunk − 1 − overlap new codes. Mem
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
-from .animator import Animator
 from .errors import InputError
-from .fast import SourceState
-from .io import to_model
 from .lmdm import LMDM
-from .schedulers import make_scheduler
-from .timing import StageTimer
+from .schedulers import make_scheduler, randn_rows
 
 
 class MotionSampler:
@@ -57,9 +52,16 @@ class MotionSampler:
         self.scheduler.set_timesteps(steps)
 
     @torch.no_grad()
-    def sample_chunk(self, known: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def batch_key(self) -> tuple:
+        """Samplers with equal keys can sample their chunks in one batched call (same model and schedule)."""
+        sched = self.scheduler
+        return (id(self.model), type(sched).__name__, len(sched.timesteps), getattr(sched, "eta", 0.0),
+                sched.clip_sample, self.chunk)  # fmt: skip
+
+    def sample_chunk(self, known: torch.Tensor, generator=None) -> torch.Tensor:
         """known (B, K, D) codes, K ≥ 1: the chunk's first K codes, held fixed (known[:, 0] is the condition
-        alpha_1). Returns (B, L, D) codes whose first K rows equal `known` exactly."""
+        alpha_1). Returns (B, L, D) codes whose first K rows equal `known` exactly. `generator`: None, one
+        torch.Generator, or one per row (each row then gets the codes it would get in a batch of one)."""
         m = self.model
         b, k, d = known.shape
         if k < 1 or k > m.cfg.max_prefix:
@@ -73,7 +75,7 @@ class MotionSampler:
         alpha_1 = known[:, 0]
         x0_known = (known - alpha_1[:, None]) / m.data_std[:k]  # first row is exactly 0
         sched = self.scheduler
-        x = torch.randn(b, self.chunk, d, generator=generator, device=dev, dtype=dt)
+        x = randn_rows((b, self.chunk, d), generator, dev, dt)
         x0_known_full = torch.zeros_like(x)
         x0_known_full[:, :k] = x0_known
         x[:, :k] = sched.add_noise(x0_known, x[:, :k], int(sched.timesteps[0]))
@@ -89,10 +91,19 @@ class MotionSampler:
         return alpha_1[:, None] + x * m.data_std[: self.chunk]
 
     def stream(
-        self, alpha_start: torch.Tensor, n_codes: int | None = None, overlap: int = 0, seed: int | None = None
+        self,
+        alpha_start: torch.Tensor,
+        n_codes: int | None = None,
+        overlap: int = 0,
+        seed: int | None = None,
+        sample: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Codes (B, n, D) chunk by chunk, starting with alpha_start (B, D) itself, without end when n_codes is
-        None. Sampling is reproducible for a given seed on a given device."""
+        None. Sampling is reproducible for a given seed on a given device. `sample(known, generator)` samples one
+        chunk (default: this sampler's sample_chunk; a frame core passes its batched one)."""
+        if n_codes is not None and n_codes < 1:
+            raise InputError(f"the number of codes must be at least 1, got {n_codes}")
+        sample = sample or self.sample_chunk
         top = min(self.chunk - 2, self.model.cfg.max_prefix - 1)
         if not 0 <= overlap <= top:
             raise InputError(f"overlap must be between 0 and {top} for this LMDM, got {overlap}")
@@ -103,7 +114,7 @@ class MotionSampler:
         tail = alpha_start[:, None].to(self.model.data_std)  # the last codes emitted so far
         first = True
         while n_codes is None or emitted < n_codes:
-            codes = self.sample_chunk(tail[:, -(1 + overlap) :] if not first else tail, gen)
+            codes = sample(tail[:, -(1 + overlap) :] if not first else tail, gen)
             new = codes if first else codes[:, 1 + overlap :]
             first = False
             if n_codes is not None:
@@ -111,79 +122,3 @@ class MotionSampler:
             emitted += new.shape[1]
             tail = torch.cat([tail, new], dim=1)[:, -(1 + overlap) :]
             yield new
-
-
-def generate(
-    animator: Animator,
-    sampler: MotionSampler,
-    source: torch.Tensor,
-    n_frames: int,
-    *,
-    overlap: int = 0,
-    seed: int | None = None,
-    batch: int = 8,
-    timer: StageTimer | None = None,
-) -> Iterator[torch.Tensor]:
-    """Frames (n, 3, S, S) for a source image (1, 3, S, S): the source is encoded once, codes are sampled chunk
-    after chunk starting from the source's own code, and each chunk is rendered in batches as it arrives."""
-    if n_frames < 1:
-        raise InputError(f"n_frames must be at least 1, got {n_frames}")
-    if sampler.model.cfg.motion_dim != animator.config.motion_dim:
-        raise InputError(
-            f"the LMDM models {sampler.model.cfg.motion_dim}-d codes but the animator uses "
-            f"{animator.config.motion_dim}-d ones"
-        )
-    timer = timer or StageTimer(animator.device)
-    with timer.stage("source"):
-        state = animator.encode_source(source)
-    codes_iter = sampler.stream(state.alpha_src.to(sampler.model.data_std), n_frames, overlap, seed)
-    while True:
-        with timer.stage("sample"):
-            codes = next(codes_iter, None)
-        if codes is None:
-            return
-        codes = codes[0]  # one source
-        for i in range(0, codes.shape[0], batch):
-            alpha = codes[i : i + batch]
-            with timer.stage("render", alpha.shape[0]):
-                frames = animator.render(state, alpha)
-            yield frames
-
-
-def video_codes(animator: Animator, frames: Iterable[np.ndarray], batch: int = 16) -> torch.Tensor:
-    """Motion codes (T, D) of every frame of a video (uint8 (S, S, 3) frames), encoded in batches."""
-    out, chunk = [], []
-    for f in frames:
-        chunk.append(f)
-        if len(chunk) == batch:
-            out.append(animator.encode_motion(to_model(np.stack(chunk))))
-            chunk = []
-    if chunk:
-        out.append(animator.encode_motion(to_model(np.stack(chunk))))
-    if not out:
-        raise InputError("the video holds no frames")
-    return torch.cat(out)
-
-
-def edit(
-    animator: Animator,
-    codes: torch.Tensor,
-    first_frame: torch.Tensor,
-    *,
-    relative: bool = False,
-    batch: int = 8,
-    timer: StageTimer | None = None,
-) -> Iterator[torch.Tensor]:
-    """Content-preserving editing: the video's motion codes (T, D) rendered with the appearance of an edited
-    first frame (1, 3, S, S). Absolute mode by default (the codes as they are); relative mode moves the edited
-    frame by the motion since the video's first frame."""
-    timer = timer or StageTimer(animator.device)
-    with timer.stage("source"):
-        state: SourceState = animator.encode_source(first_frame)
-    if relative:
-        codes = animator.relative_alpha(state, codes, codes[:1])
-    for i in range(0, codes.shape[0], batch):
-        alpha = codes[i : i + batch]
-        with timer.stage("render", alpha.shape[0]):
-            frames = animator.render(state, alpha)
-        yield frames

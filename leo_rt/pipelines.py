@@ -1,4 +1,4 @@
-"""Jobs built on the animator: reenactment from a driving video, and the no-download demo."""
+"""Code sources (driving videos, LMDM, edited videos) for the one frame loop, Session.stream, and the demo's assets."""
 
 from __future__ import annotations
 
@@ -11,76 +11,106 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .animator import Animator
 from .errors import InputError
+from .fast import SourceState
 from .io import to_model
-from .timing import StageTimer
+from .runner import Runner
 
 
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """'auto' → cuda when available else cpu; a CUDA device that is not there is a clear error."""
-    if str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {spec!r} was asked for but this torch sees no CUDA device; use --device cpu")
-    return dev
-
-
-def _batches(frames: Iterable[np.ndarray], batch: int) -> Iterator[np.ndarray]:
+def batched(items: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Consecutive arrays of an iterable stacked into batches of at most `size` (consumed lazily)."""
+    if size < 1:
+        raise InputError(f"batch must be at least 1, got {size}")
     chunk: list[np.ndarray] = []
-    for f in frames:
-        chunk.append(f)
-        if len(chunk) == batch:
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
             yield np.stack(chunk)
             chunk = []
     if chunk:
         yield np.stack(chunk)
 
 
-def reenact(
-    animator: Animator,
-    source: torch.Tensor,
-    driving: Iterable[np.ndarray],
-    *,
-    relative: bool = True,
-    batch: int = 8,
-    timer: StageTimer | None = None,
-) -> Iterator[torch.Tensor]:
-    """Animate `source` ((1, 3, S, S) in [-1, 1]) with driving frames (uint8 (S, S, 3), any iterable, consumed
-    lazily). Yields rendered batches (n, 3, S, S). Relative mode (the published demo's default) moves the
-    source by the driving motion since the first driving frame: alpha = alpha_drv − alpha_start + alpha_src."""
-    if batch < 1:
-        raise InputError(f"batch must be at least 1, got {batch}")
-    timer = timer or StageTimer(animator.device)
-    with timer.stage("source"):
-        state = animator.encode_source(source)
-    for alpha in driving_codes(animator, state, driving, relative=relative, batch=batch, timer=timer):
-        with timer.stage("render", alpha.shape[0]):
-            out = animator.render(state, alpha)
-        yield out
+# ----------------------------------------------------------------------------------------------- code sources
 
 
 def driving_codes(
-    animator,
-    state,
-    driving: Iterable[np.ndarray],
-    *,
-    relative: bool = True,
-    batch: int = 8,
-    timer: StageTimer | None = None,
+    runner: Runner, state: SourceState, driving: Iterable[np.ndarray], *, relative: bool = True, batch: int = 8
 ) -> Iterator[torch.Tensor]:
-    """Motion codes (n, D) of driving frames, batch by batch, in absolute or relative mode (see `reenact`)."""
-    timer = timer or StageTimer(animator.device)
+    """Motion codes (n, D) of driving frames (uint8 (S, S, 3), any iterable, consumed lazily), batch by batch. Relative
+    mode (the published demo's default) moves the source by the driving motion since the first driving frame:
+    alpha = alpha_drv − alpha_start + alpha_src; absolute mode uses the driving codes as they are."""
     alpha_start = None
-    for frames in _batches(driving, batch):
-        with timer.stage("motion", len(frames)):
-            alpha = animator.encode_motion(to_model(frames))
+    for frames in batched(driving, batch):
+        alpha = runner.encode_motion(to_model(frames))
         if relative:
             if alpha_start is None:
                 alpha_start = alpha[:1]
-            alpha = animator.relative_alpha(state, alpha, alpha_start)
+            alpha = runner.relative_alpha(state, alpha, alpha_start)
         yield alpha
+
+
+def video_codes(runner: Runner, frames: Iterable[np.ndarray], batch: int = 16) -> torch.Tensor:
+    """Motion codes (T, D) of every frame of a video (uint8 (S, S, 3) frames), encoded in batches."""
+    out = [runner.encode_motion(to_model(chunk)) for chunk in batched(frames, batch)]
+    if not out:
+        raise InputError("the video holds no frames")
+    return torch.cat(out)
+
+
+# --------------------------------------------------- jobs: code sources feeding Session.stream (the one loop)
+
+
+def _frames(runner, source: torch.Tensor, codes, **stream_kw) -> Iterator[torch.Tensor]:
+    """Frames of one source from a code source (a callable of the source state), through a Session."""
+    from .session import Session
+
+    with Session(runner, backend="torch") as session:
+        state = session.start(source)
+        yield from session.stream(codes(session, state), **stream_kw)
+
+
+def reenact(
+    runner: Runner, source: torch.Tensor, driving: Iterable[np.ndarray], *, relative: bool = True, batch: int = 8
+) -> Iterator[torch.Tensor]:
+    """Animate `source` ((1, 3, S, S) in [-1, 1]) with driving frames (uint8 (S, S, 3), consumed lazily). Yields
+    rendered batches (n, 3, S, S)."""
+    return _frames(
+        runner,
+        source,
+        lambda session, state: driving_codes(session, state, driving, relative=relative, batch=batch),
+        batch=batch,
+    )
+
+
+def generate(
+    runner: Runner,
+    sampler,
+    source: torch.Tensor,
+    n_frames: int,
+    *,
+    overlap: int = 0,
+    seed: int | None = None,
+    batch: int = 8,
+) -> Iterator[torch.Tensor]:
+    """Frames (n, 3, S, S) for a source image (1, 3, S, S): the source is encoded once, codes are sampled chunk
+    after chunk from the source's own code by an LMDM MotionSampler, and rendered in batches as they arrive."""
+    return _frames(
+        runner, source, lambda session, state: sampler, n_frames=n_frames, overlap=overlap, seed=seed, batch=batch
+    )
+
+
+def edit(
+    runner: Runner, codes: torch.Tensor, first_frame: torch.Tensor, *, relative: bool = False, batch: int = 8
+) -> Iterator[torch.Tensor]:
+    """Content-preserving editing: the video's motion codes (T, D) rendered with the appearance of an edited
+    first frame (1, 3, S, S). Absolute mode by default (the codes as they are); relative mode moves the edited
+    frame by the motion since the video's first frame."""
+
+    def edit_codes(session, state):
+        return [session.relative_alpha(state, codes, codes[:1]) if relative else codes]
+
+    return _frames(runner, first_frame, edit_codes, batch=batch)
 
 
 def find_shared_data() -> Path | None:

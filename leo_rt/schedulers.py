@@ -65,6 +65,7 @@ class _Scheduler:
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.alphas_cumprod = make_alphas_cumprod(num_train_timesteps, beta_schedule, beta_start, beta_end)
+        self._tables: dict[torch.device, torch.Tensor] = {}
         self.timesteps = torch.empty(0, dtype=torch.long)
         self._prev: dict[int, int] = {}
 
@@ -102,15 +103,25 @@ class _Scheduler:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Forward process: x_t = a_t·x_0 + σ_t·ε (t a scalar or one per batch element)."""
-        ab = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)].to(x0.dtype)
-        ab = ab.reshape(-1, *([1] * (x0.dim() - 1))) if ab.dim() else ab
+        if isinstance(t, int) or (isinstance(t, torch.Tensor) and t.dim() == 0 and t.device.type == "cpu"):
+            ab = self.alpha_bar(int(t))  # a Python float: no host→device copy (and sync) per sampling step
+            return math.sqrt(ab) * x0 + math.sqrt(1 - ab) * noise
+        ab = self._table(x0.device)[t.to(x0.device)].to(x0.dtype)
+        ab = ab.reshape(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """ᾱ on `device`, copied there once (training indexes it per batch)."""
+        cached = self._tables.get(device)
+        if cached is None:
+            cached = self._tables[device] = self.alphas_cumprod.to(device)
+        return cached
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model learns to output: ε, or v = a_t·ε − σ_t·x_0 (Salimans & Ho 2022)."""
         if self.prediction_type == "epsilon":
             return noise
-        ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+        ab = self._table(x0.device)[t.to(x0.device)].to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
     def to_x0_eps(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +139,8 @@ class _Scheduler:
         return x0, eps
 
     @staticmethod
-    def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+        return randn_rows(x.shape, generator, x.device, x.dtype)
 
 
 class DDPMScheduler(_Scheduler):
@@ -231,3 +242,14 @@ def make_scheduler(name: str, eta: float = 0.0, **kwargs) -> _Scheduler:
     if name not in SAMPLERS:
         raise InputError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return DDIMScheduler(eta=eta, **kwargs) if name == "ddim" else SAMPLERS[name](**kwargs)
+
+
+def randn_rows(shape, generator, device, dtype) -> torch.Tensor:
+    """Standard normal noise of `shape`. `generator` is None, one torch.Generator, or one per row (dim 0): each
+    row then draws from its own generator exactly what a batch of one would, so a stream sampled in a batch with
+    others gets the codes it would get alone."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise InputError(f"{len(generator)} generators for {shape[0]} rows; give one per row")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)

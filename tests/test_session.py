@@ -10,7 +10,8 @@ from conftest import make_lia, random_images, rel_err
 from leo_rt import Animator, load_animator
 from leo_rt.backends import BackendUnavailable, backend_status, choose_backend
 from leo_rt.lmdm import LMDM, LMDMConfig
-from leo_rt.motion import MotionSampler, generate
+from leo_rt.motion import MotionSampler
+from leo_rt.pipelines import generate
 from leo_rt.session import Session
 
 pytestmark = pytest.mark.filterwarnings("ignore")
