@@ -120,8 +120,10 @@ class CompileBackend(_Wrapped):
         return torch.cat(out)
 
     def warmup(self, batches: tuple[int, ...] | None = None) -> None:
-        """Compile (and capture) every bucket the given batch sizes use (all buckets by default)."""
-        buckets = sorted({bucket(min(b, BUCKETS[-1])) for b in (batches or BUCKETS)})
+        """Compile (and capture) every bucket a stream of the given batch sizes can meet: each batch's bucket and
+        the smaller ones (a stream's last batch may be short). All buckets by default."""
+        top = bucket(min(max(batches or BUCKETS), BUCKETS[-1]))
+        buckets = [b for b in BUCKETS if b <= top]
         s = self.size
         state = self.encode_source(torch.zeros(1, 3, s, s, device=self.device))
         for b in buckets:

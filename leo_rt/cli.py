@@ -1,29 +1,48 @@
-"""`leo-rt`: the command line. Parses arguments into calls of library functions; nothing else lives here."""
+"""`leo-rt`: the command line. Parses arguments into calls of library functions; nothing else lives here.
+
+Every job that makes frames (reenact, demo, generate, edit) is a code source fed to Session.stream, the one frame
+loop, and written by one writer path (`_write_stream`). Errors: a leo_rt.errors.LeoError prints one line and exits 2,
+Ctrl-C prints "interrupted" and exits 130 (outputs are written atomically, so nothing half-written is left); any
+other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
 import torch
 
-from .errors import InputError
+from .backends import BACKENDS
+from .errors import InputError, exit_code
 from .io import RESIZE_POLICY
+from .precision import names as precision_names
+from .schedulers import SAMPLERS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKEND_HELP = "; ".join(f"{name}: {spec.summary}" for name, spec in BACKENDS.items())
 
 
 def _add_common(p: argparse.ArgumentParser, device: str = "cpu", dtype: bool = True, backend: bool = True) -> None:
     p.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N or auto (default: {device})")
     if dtype:
-        p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="animator precision (default: fp32)")
+        p.add_argument(
+            "--precision",
+            choices=precision_names(),
+            default="fp32",
+            help="fp32 (IEEE: TF32 off), tf32, fp16 or bf16 (default: fp32)",
+        )
     if backend:
         p.add_argument(
             "--backend",
+            choices=[*BACKENDS, "auto"],
             default="torch",
-            help="torch (default), compile, onnxruntime, aoti, tensorrt, or auto (the fastest available)",
+            help=f"{BACKEND_HELP}; auto: the preferred available one (default: torch)",
+        )
+        p.add_argument(
+            "--engines", default=None, help="an exported engines folder to run with the checkpoint (checked against it)"
         )
         p.add_argument("--stats", action="store_true", help="print per-stage p50/p95 timings at the end")
     p.add_argument("--batch", type=int, default=8, help="frames rendered per call (default: 8)")
@@ -44,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .mp4 (H.264), written with the driving video's fps")
     p.add_argument("--size", type=int, default=None, help="animator size; inferred from the checkpoint by default")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many driving frames")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on a video that is corrupt part-way (default: keep the frames before the damage, and say so)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--relative",
@@ -106,13 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--frames", type=int, required=True, help="frames to generate")
     gen.add_argument("--fps", type=float, default=25.0, help="frame rate of the output (default: 25)")
     gen.add_argument("--steps", type=int, default=25, help="denoising steps per chunk (default: 25)")
-    gen.add_argument("--sampler", choices=["ddim", "dpm++", "ddpm"], default="ddim")
+    gen.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddim")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chunk", type=int, default=None, help="codes per chunk (default: the LMDM's trained length)")
     gen.add_argument("--overlap", type=int, default=0, help="codes shared by consecutive chunks beyond the first")
     ed = sub.choices["edit"]
     ed.add_argument("--video", required=True, help="the original video (motion comes from here)")
     ed.add_argument("--first-frame", required=True, help="the edited first frame (appearance comes from here)")
+    ed.add_argument("--strict", action="store_true", help="fail on a video that is corrupt part-way")
     ed.add_argument(
         "--relative",
         action="store_true",
@@ -127,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="comma-separated: onnx, aoti, trt (default: onnx)")
     p.add_argument(
         "--precision",
-        choices=["fp32", "fp16", "bf16"],
+        choices=[n for n in precision_names() if n != "tf32"],
         default="fp32",
         help="AOTInductor packages and TensorRT engines (ONNX files stay fp32)",
     )
@@ -151,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="torch", help="comma-separated backends (default: torch)")
     p.add_argument("--sizes", default="128,256", help="comma-separated sizes (default: 128,256)")
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--precision", choices=precision_names(), default="fp32")
     p.add_argument("--frames", type=int, default=5, help="timed calls per case (default: 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tiny", action="store_true", help="reduced-width models (a smoke run, not a measurement)")
@@ -170,94 +195,115 @@ def _progress(total: int | None, disable: bool):
     return tqdm(total=total, unit="frame", disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
-def _session(args, source, device, size=None):
+def _session(args, source, size=None):
     """The Session behind a command, printing which backend `auto` chose."""
     from .session import Session
 
-    return Session(source, backend=args.backend, device=device, precision=args.precision, size=size, log=print)
+    session = Session(
+        source,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        size=size,
+        engines=getattr(args, "engines", None),
+        log=print,
+    )
+    if session.backend_name.startswith("compile") and session.device.type == "cuda":
+        t0 = time.perf_counter()
+        session.core.warmup((args.batch,))  # compile and capture before the stream, not in the middle of it
+        print(f"warm-up: compiled the buckets up to batch {args.batch} in {time.perf_counter() - t0:.1f} s")
+    return session
 
 
-def _print_stats(args, timer) -> None:
-    if getattr(args, "stats", False):
-        print(timer.table())
+def _write_stream(frames, out: str, fps: float, total: int | None, timer, quiet: bool) -> int:
+    """The one writer path: batches of frames from Session.stream into an H.264 file, timed as "write"."""
+    from .io import VideoWriter
+
+    bar = _progress(total, quiet or not sys.stderr.isatty())
+    with bar, VideoWriter(out, fps) as writer:
+        for batch in frames:
+            with timer.stage("write", len(batch)):
+                writer.write(batch)
+            bar.update(len(batch))
+    return writer.frames
 
 
-def _run_reenact(session, source_img, driving, out, fps, args, total, timer) -> int:
-    """Motion codes are encoded in one worker thread, frames rendered in another, and written here: writing is
-    off the render path."""
+def _reenact_into(session, source, driving, out: str, fps: float, *, relative: bool, batch: int, total, quiet) -> int:
+    """Reenactment as a code source: driving frames → motion codes (relative by default) → Session.stream."""
     from .pipelines import driving_codes
 
-    state = session.start(source_img)
-    codes = driving_codes(session.backend, state, driving, relative=args.relative, batch=args.batch, timer=timer)
-    return _write_stream(session.stream(codes, batch=args.batch), out, fps, total, args, timer)
+    state = session.start(source)
+    codes = driving_codes(session, state, driving, relative=relative, batch=batch)
+    return _write_stream(session.stream(codes, batch=batch), out, fps, total, session.timer, quiet)
+
+
+def _report(what: str, n: int, seconds: float, session, extra: str = "") -> None:
+    per = f"{n / seconds:.2f} frames/s, {1e3 * seconds / max(n, 1):.0f} ms per frame" if n else "no frames"
+    print(f"wrote {what}: {n} frames in {seconds:.1f} s — {per} ({session.backend_name} backend{extra})")
 
 
 def cmd_reenact(args) -> int:
     from .io import iter_video, load_image, video_info
-    from .pipelines import resolve_device
     from .timing import keep_heap_memory
 
     keep_heap_memory()
-    device = resolve_device(args.device)
-    session = _session(args, args.checkpoint, device, size=args.size)
-    s = session.size
-    source = load_image(args.source, s)
-    info = video_info(args.driving)
-    total = min(x for x in (info.frames, args.max_frames) if x) if (info.frames or args.max_frames) else None
-    timer = session.timer
-    t0 = time.perf_counter()
-    n = _run_reenact(
-        session, source, iter_video(args.driving, s, args.max_frames), args.out, info.fps, args, total, timer
-    )
-    dt = time.perf_counter() - t0
-    print(
-        f"wrote {args.out}: {n} frames at {info.fps:g} fps ({s}×{s}) in {dt:.1f} s — "
-        f"{n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame ({session.backend_name} backend)"
-    )
-    _print_stats(args, timer)
+    with _session(args, args.checkpoint, size=args.size) as session:
+        s = session.size
+        source = load_image(args.source, s)
+        info = video_info(args.driving)
+        total = min(x for x in (info.frames, args.max_frames) if x) if (info.frames or args.max_frames) else None
+        t0 = time.perf_counter()
+        driving = iter_video(args.driving, s, args.max_frames, strict=args.strict)
+        n = _reenact_into(
+            session, source, driving, args.out, info.fps, relative=args.relative, batch=args.batch, total=total,
+            quiet=args.no_progress,
+        )  # fmt: skip
+        _report(f"{args.out} at {info.fps:g} fps ({s}×{s})", n, time.perf_counter() - t0, session)
+        if args.stats:
+            print(session.timer.table())
     return 0
 
 
 def cmd_demo(args) -> int:
     from .animator import Animator, load_animator
+    from .backends import resolve_device
     from .io import iter_video, read_image, square_resize, to_model
-    from .pipelines import find_shared_data, resolve_device, synthetic_driving, synthetic_portrait
+    from .pipelines import find_shared_data, synthetic_driving, synthetic_portrait
+    from .precision import Precision
     from .timing import keep_heap_memory
 
     keep_heap_memory()
-    if args.frames < 1:
-        raise InputError(f"--frames must be at least 1, got {args.frames}")
-    device = resolve_device(args.device)
+    device, dtype = resolve_device(args.device), Precision.parse(args.precision).dtype
     t0 = time.perf_counter()
     if args.checkpoint:
-        animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.precision])
+        animator = load_animator(args.checkpoint, device=device, dtype=dtype)
         print(f"weights: {args.checkpoint}")
     else:
-        animator = Animator.random(args.preset, seed=args.seed, device=device, dtype=DTYPES[args.precision])
+        animator = Animator.random(args.preset, seed=args.seed, device=device, dtype=dtype)
         print(f"weights: random weights — pass --checkpoint for real output ({args.preset}, seed {args.seed})")
-    session = _session(args, animator, device)
-    load_s = time.perf_counter() - t0
-    s = animator.size
-    data = find_shared_data()
-    fps = 10.0
-    if data is not None:
-        portrait = square_resize(read_image(data / "vox/mona_lisa.png"), s)
-        driving = iter_video(data / "vox/driving1.mp4", s, args.frames)
-        print(
-            f"source: {data / 'vox/mona_lisa.png'}; driving: first {args.frames} frames of {data / 'vox/driving1.mp4'}"
-        )
-    else:
-        portrait = synthetic_portrait(s)
-        driving = synthetic_driving(portrait, args.frames)
-        print(f"source: a drawn portrait; driving: a synthetic {args.frames}-frame sway (shared data not found)")
-    timer = session.timer
-    args.relative, args.no_progress = True, True
-    t1 = time.perf_counter()
-    n = _run_reenact(session, to_model(portrait), driving, args.out, fps, args, args.frames, timer)
-    dt = time.perf_counter() - t1
-    print(f"wrote {args.out}: {n} frames, {s}×{s}, {args.precision} on {device}; model built in {load_s:.1f} s")
-    print(timer.table())
-    print(f"end to end: {n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame (batch {args.batch})")
+    with _session(args, animator) as session:
+        load_s = time.perf_counter() - t0
+        s = animator.size
+        data = find_shared_data()
+        fps = 10.0
+        if data is not None:
+            portrait = square_resize(read_image(data / "vox/mona_lisa.png"), s)
+            driving = iter_video(data / "vox/driving1.mp4", s, args.frames)
+            print(f"source: {data / 'vox/mona_lisa.png'}; driving: first {args.frames} frames of "
+                  f"{data / 'vox/driving1.mp4'}")  # fmt: skip
+        else:
+            portrait = synthetic_portrait(s)
+            driving = synthetic_driving(portrait, args.frames)
+            print(f"source: a drawn portrait; driving: a synthetic {args.frames}-frame sway (shared data not found)")
+        t1 = time.perf_counter()
+        n = _reenact_into(
+            session, to_model(portrait), driving, args.out, fps, relative=True, batch=args.batch, total=args.frames,
+            quiet=True,
+        )  # fmt: skip
+        dt = time.perf_counter() - t1
+        print(f"wrote {args.out}: {n} frames, {s}×{s}, {args.precision} on {device}; model built in {load_s:.1f} s")
+        print(session.timer.table())
+        print(f"end to end: {n / dt:.2f} frames/s, {1e3 * dt / n:.0f} ms per frame (batch {args.batch})")
     return 0
 
 
@@ -286,11 +332,12 @@ def cmd_info(args) -> int:
 
 def cmd_extract_motion(args) -> int:
     from .animator import load_animator
-    from .pipelines import resolve_device
+    from .backends import resolve_device
+    from .precision import Precision
     from .train import extract_motion, find_videos
 
     device = resolve_device(args.device)
-    animator = load_animator(args.checkpoint, device=device, dtype=DTYPES[args.precision])
+    animator = load_animator(args.checkpoint, device=device, dtype=Precision.parse(args.precision).dtype)
     videos = find_videos(args.videos)
     bar = _progress(len(videos), args.no_progress or not sys.stderr.isatty())
     with bar:
@@ -301,8 +348,8 @@ def cmd_extract_motion(args) -> int:
 
 
 def cmd_train_lmdm(args) -> int:
+    from .backends import resolve_device
     from .lmdm import LMDMConfig
-    from .pipelines import resolve_device
     from .train import MotionCodes, TrainConfig, train_lmdm
 
     device = resolve_device(args.device)
@@ -325,85 +372,60 @@ def cmd_train_lmdm(args) -> int:
     return 0
 
 
-def _write_stream(frames_iter, out, fps, total, args, timer) -> int:
-    from .io import VideoWriter
-
-    bar = _progress(total, getattr(args, "no_progress", False) or not sys.stderr.isatty())
-    with bar, VideoWriter(out, fps) as writer:
-        for frames in frames_iter:
-            with timer.stage("write", len(frames)):
-                writer.write(frames)
-            bar.update(len(frames))
-    return writer.frames
-
-
 def cmd_generate(args) -> int:
     from .io import load_image
     from .lmdm import LMDM, LMDMConfig, load_lmdm
     from .motion import MotionSampler
-    from .pipelines import resolve_device
     from .timing import keep_heap_memory
 
     keep_heap_memory()
-    device = resolve_device(args.device)
-    session = _session(args, args.checkpoint, device)
-    if args.lmdm:
-        lmdm = load_lmdm(args.lmdm, device=device)
-    else:
-        lmdm = LMDM(LMDMConfig.from_name("lmdm-small")).to(device)
-        print(
-            "lmdm: none given — using an UNTRAINED LMDM (lmdm-small, random weights); the motion is noise. "
-            "Train one with `leo-rt train-lmdm` and pass --lmdm"
-        )
-    sampler = MotionSampler(lmdm, args.sampler, args.steps, chunk=args.chunk)
-    timer = session.timer
-    t0 = time.perf_counter()
-    session.start(load_image(args.source, session.size))
-    # sampling of chunk k+1 overlaps rendering of chunk k (worker threads); frames are written here
-    frames = session.stream(sampler, n_frames=args.frames, batch=args.batch, seed=args.seed, overlap=args.overlap)
-    n = _write_stream(frames, args.out, args.fps, args.frames, args, timer)
-    dt = time.perf_counter() - t0
-    print(
-        f"wrote {args.out}: {n} frames at {args.fps:g} fps in {dt:.1f} s — {n / dt:.2f} frames/s "
-        f"({args.sampler}, {args.steps} steps, chunk {sampler.chunk}, overlap {args.overlap})"
-    )
-    print(timer.table())
+    with _session(args, args.checkpoint) as session:
+        if args.lmdm:
+            lmdm = load_lmdm(args.lmdm, device=session.device)
+        else:
+            lmdm = LMDM(LMDMConfig.from_name("lmdm-small")).to(session.device)
+            print(
+                "lmdm: none given — using an UNTRAINED LMDM (lmdm-small, random weights); the motion is noise. "
+                "Train one with `leo-rt train-lmdm` and pass --lmdm"
+            )
+        sampler = MotionSampler(lmdm, args.sampler, args.steps, chunk=args.chunk)
+        t0 = time.perf_counter()
+        session.start(load_image(args.source, session.size))
+        # sampling of chunk k+1 overlaps rendering of chunk k; frames are written here
+        frames = session.stream(sampler, n_frames=args.frames, batch=args.batch, seed=args.seed, overlap=args.overlap)
+        n = _write_stream(frames, args.out, args.fps, args.frames, session.timer, args.no_progress)
+        extra = f"; {args.sampler}, {args.steps} steps, chunk {sampler.chunk}, overlap {args.overlap}"
+        _report(f"{args.out} at {args.fps:g} fps", n, time.perf_counter() - t0, session, extra)
+        print(session.timer.table())
     return 0
 
 
 def cmd_edit(args) -> int:
     from .io import iter_video, load_image, video_info
-    from .motion import edit, video_codes
-    from .pipelines import resolve_device
+    from .pipelines import video_codes
     from .timing import keep_heap_memory
 
     keep_heap_memory()
-    device = resolve_device(args.device)
-    session = _session(args, args.checkpoint, device)
-    info = video_info(args.video)
-    timer = session.timer
-    with timer.stage("motion"):
-        codes = video_codes(session.backend, iter_video(args.video, session.size), args.batch)
-    frames = edit(
-        session.backend,
-        codes,
-        load_image(args.first_frame, session.size),
-        relative=args.relative,
-        batch=args.batch,
-        timer=timer,
-    )
-    n = _write_stream(frames, args.out, info.fps, len(codes), args, timer)
-    print(
-        f"wrote {args.out}: {n} frames at {info.fps:g} fps, motion of {args.video}, appearance of "
-        f"{args.first_frame} ({'relative' if args.relative else 'absolute'} mode)"
-    )
-    _print_stats(args, timer)
+    with _session(args, args.checkpoint) as session:
+        info = video_info(args.video)
+        t0 = time.perf_counter()
+        codes = video_codes(session, iter_video(args.video, session.size, strict=args.strict), args.batch)
+        state = session.start(load_image(args.first_frame, session.size))
+        if args.relative:
+            codes = session.relative_alpha(state, codes, codes[:1])
+        frames = session.stream([codes], batch=args.batch)
+        n = _write_stream(frames, args.out, info.fps, len(codes), session.timer, args.no_progress)
+        mode = "relative" if args.relative else "absolute"
+        _report(f"{args.out} at {info.fps:g} fps, motion of {args.video}, appearance of {args.first_frame} ({mode})",
+                n, time.perf_counter() - t0, session)  # fmt: skip
+        if args.stats:
+            print(session.timer.table())
     return 0
 
 
 def cmd_export(args) -> int:
+    from .backends import resolve_device
     from .export import export_checkpoint
-    from .pipelines import resolve_device
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     t0 = time.perf_counter()
@@ -505,26 +527,32 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .backends import BackendUnavailable
-    from .checkpoint import CheckpointError
-    from .export.tensorrt import TensorRTUnavailable
-    from .io import MediaError
-
-    args = build_parser().parse_args(argv)
-    for name in ("batch", "max_frames", "frames", "steps", "save_every"):
+def _check_args(args) -> None:
+    """Argument values argparse cannot check: counts ≥ 1, finite positive rates."""
+    for name in ("batch", "max_frames", "frames", "steps", "save_every", "max_batch", "chunk", "max_sessions"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            print(
-                f"leo-rt {args.command}: error: --{name.replace('_', '-')} must be at least 1, got {value}",
-                file=sys.stderr,
-            )
-            return 2
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "overlap", None) is not None and args.overlap < 0:
+        raise InputError(f"--overlap must be 0 or more, got {args.overlap}")
+    fps = getattr(args, "fps", None)
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise InputError(f"--fps must be a finite number above 0, got {fps}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import describe
+
+    args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         return COMMANDS[args.command](args)
-    except (CheckpointError, MediaError, ValueError, FileNotFoundError, TensorRTUnavailable, BackendUnavailable) as e:
-        print(f"leo-rt {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except BaseException as e:
+        code = exit_code(e)
+        if code is None:
+            raise  # a bug: keep the traceback
+        print(f"leo-rt {args.command}: {describe(e)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Sessions (`leo_rt.session.Session`) are the streaming front of a core; see docs/
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -318,6 +319,7 @@ class FrameCore:
         self.batch_sizes: list[int] = []  # frames per render call, for metrics (bounded: see _note_batch)
         self.frames_rendered = 0
         self._bank = SourceBank()
+        self._sample_stream = None
         self._ids = itertools.count()
         self._closed = False
 
@@ -411,7 +413,17 @@ class FrameCore:
         """The result of render(...), waited for: frames (n, 3, S, S) on the device (or host uint8)."""
         return ready(self.render(handle, alpha, output).result())
 
+    def _side_stream(self):
+        """The CUDA stream LMDM sampling runs on (None on CPU), made on the worker."""
+        if self.device.type != "cuda":
+            return None
+        if self._sample_stream is None:
+            self._sample_stream = torch.cuda.Stream(self.device)
+        return self._sample_stream
+
     def _render_batch(self, requests: list[_RenderRequest]) -> list:
+        if self._sample_stream is not None:  # codes sampled on the side stream are ready before they are used
+            torch.cuda.current_stream(self.device).wait_stream(self._sample_stream)
         with torch.no_grad(), self.precision.math():
             n = sum(r.alpha.shape[0] for r in requests)
             with self.timer.stage("render", n):
@@ -477,11 +489,21 @@ class FrameCore:
 
 
 def _sample_batch(core: FrameCore, sampler, items: list) -> list[torch.Tensor]:
+    """LMDM chunks of several streams in one call. On CUDA they are sampled on a side stream, so that the GPU
+    overlaps sampling chunk k+1 with rendering chunk k (the renders of chunk k wait for its sampling only)."""
     known = torch.cat([k for k, _ in items])
     generators = [g for _, g in items]
-    with torch.no_grad(), core.precision.math(), core.timer.stage("sample", sampler.chunk * len(items)):
+    new_codes = (sampler.chunk - known.shape[1]) * len(items)  # the known prefix is given, not sampled
+    side = core._side_stream()
+    with torch.no_grad(), core.precision.math(), _on_stream(side), core.timer.stage("sample", new_codes):
         codes = sampler.sample_chunk(known, generators if len(items) > 1 else generators[0])
+    if side is not None:
+        codes.record_stream(torch.cuda.current_stream(core.device))  # used on the render stream next
     return list(codes.split(1))
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _empty_frames(core: FrameCore, r: _RenderRequest) -> torch.Tensor:
@@ -550,6 +572,18 @@ def _joined(parts: list[Future]) -> Future:
     for p in parts:
         p.add_done_callback(done)
     return out
+
+
+def images_on(frames, device: torch.device) -> torch.Tensor:
+    """uint8 frames (N, H, W, 3) or (H, W, 3) (numpy or tensor) → float (N, 3, H, W) in [-1, 1] on `device`: the
+    bytes travel as uint8 and are converted there, with the published preprocessing (io.to_model)."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if t.dtype != torch.uint8:
+        raise InputError(f"driving frames must be uint8 (H, W, 3) images, got {t.dtype}")
+    if t.dim() == 3:
+        t = t[None]
+    t = t.to(device, non_blocking=True)
+    return (t.permute(0, 3, 1, 2).float() / 255.0 - 0.5) * 2.0
 
 
 def check_codes(alpha, motion_dim: int) -> torch.Tensor:

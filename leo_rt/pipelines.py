@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .core import images_on
 from .errors import InputError
 from .fast import SourceState
 from .io import to_model
@@ -42,7 +43,7 @@ def driving_codes(
     alpha = alpha_drv − alpha_start + alpha_src; absolute mode uses the driving codes as they are."""
     alpha_start = None
     for frames in batched(driving, batch):
-        alpha = runner.encode_motion(to_model(frames))
+        alpha = runner.encode_motion(images_on(frames, runner.device))  # uint8 to the device, converted there
         if relative:
             if alpha_start is None:
                 alpha_start = alpha[:1]
@@ -52,7 +53,7 @@ def driving_codes(
 
 def video_codes(runner: Runner, frames: Iterable[np.ndarray], batch: int = 16) -> torch.Tensor:
     """Motion codes (T, D) of every frame of a video (uint8 (S, S, 3) frames), encoded in batches."""
-    out = [runner.encode_motion(to_model(chunk)) for chunk in batched(frames, batch)]
+    out = [runner.encode_motion(images_on(chunk, runner.device)) for chunk in batched(frames, batch)]
     if not out:
         raise InputError("the video holds no frames")
     return torch.cat(out)

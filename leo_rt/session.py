@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .animator import Animator
-from .core import FrameCore, SourceHandle, check_codes, first_nonfinite_row, ready
+from .core import FrameCore, SourceHandle, check_codes, first_nonfinite_row, images_on, ready
 from .errors import InputError, LeoError
 from .fast import SourceState
 from .io import load_image, square_resize, to_model
@@ -137,8 +137,8 @@ class Session:
     def encode_motion(self, images) -> torch.Tensor:
         """Motion codes (B, D) of driving images: a (B, 3, S, S) tensor in [-1, 1] or uint8 frames (B, S, S, 3)."""
         self._check_open()
-        if isinstance(images, np.ndarray):
-            images = to_model(images)
+        if isinstance(images, np.ndarray) or (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+            images = images_on(images, self.device)
         return self.core.encode_motion(images)
 
     def relative_alpha(self, state: SourceState, alpha_drv: torch.Tensor, alpha_start: torch.Tensor):

@@ -1,5 +1,7 @@
 """Sessions and backends: parity of every CPU backend, streaming policies, bounded memory, auto."""
 
+import gc
+import threading
 import time
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 from conftest import make_lia, random_images, rel_err
 from leo_rt import Animator, load_animator
 from leo_rt.backends import BackendUnavailable, backend_status, choose_backend
+from leo_rt.errors import InputError
 from leo_rt.lmdm import LMDM, LMDMConfig
 from leo_rt.motion import MotionSampler
 from leo_rt.pipelines import generate
@@ -58,9 +61,9 @@ def _instrumented(session):
     calls = {"render": 0}
     real = session.backend.render
 
-    def render(state, alpha):
+    def render(state, alpha, src_index=None):
         calls["render"] += 1
-        return real(state, alpha)
+        return real(state, alpha) if src_index is None else real(state, alpha, src_index)
 
     session.backend.render = render
     return calls
@@ -70,34 +73,110 @@ def _codes(n_chunks, per_chunk=2):
     return [torch.full((per_chunk, 20), 0.05 * i) for i in range(n_chunks)]
 
 
-def test_blocking_policy_loses_nothing_and_bounds_the_queue():
-    session = Session(Animator(make_lia("lia-32-tiny", seed=1)), backend="torch")
-    session.start(random_images(1, 32))
+def _wait_for(cond, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _stream_threads():
+    return [t for t in threading.enumerate() if t.name == "leo_rt-stream-codes"]
+
+
+@pytest.fixture
+def session():
+    with Session(Animator(make_lia("lia-32-tiny", seed=1)), backend="torch") as s:
+        s.start(random_images(1, 32))
+        yield s
+    assert not _stream_threads()
+
+
+def test_blocking_policy_loses_nothing_and_bounds_the_queue(session):
     codes = _codes(12)
     want = [session.render(c) for c in codes]
     calls = _instrumented(session)
     got = []
-    for frames in session.stream(iter(codes), batch=2, queue_size=2, policy="block"):
-        time.sleep(0.02)  # a slow consumer
-        got.append(frames)
-        assert calls["render"] - len(got) <= 2 + 1  # queue_size waiting + the one being rendered
+    stream = session.stream(iter(codes), batch=2, queue_size=2, policy="block")
+    got.append(next(stream))
+    # the consumer stops reading: rendering runs ahead by exactly queue_size batches, then waits
+    _wait_for(lambda: calls["render"] >= 1 + 2, "the renderer to fill the queue")
+    time.sleep(0.2)
+    assert calls["render"] == 1 + 2
+    got.extend(stream)
     assert len(got) == 12 and session.dropped == 0
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))  # in order, none lost
 
 
-def test_drop_oldest_policy_drops_and_keeps_order():
-    session = Session(Animator(make_lia("lia-32-tiny", seed=1)), backend="torch")
-    session.start(random_images(1, 32))
+def test_drop_oldest_policy_drops_the_oldest_and_keeps_order(session):
     codes = _codes(30, per_chunk=1)
-    want = {float(c[0, 0]): session.render(c) for c in codes}
-    got = []
-    for frames in session.stream(iter(codes), batch=1, queue_size=2, policy="drop_oldest", output="tensor"):
-        time.sleep(0.05)
-        got.append(frames)
-    assert session.dropped > 0 and len(got) + session.dropped == 30
-    order = [next(k for k, v in want.items() if torch.equal(v, g)) for g in got]
-    assert order == sorted(order)  # what arrives comes in order; the last batch is never dropped
-    assert order[-1] == pytest.approx(0.05 * 29)
+    want = [session.render(c) for c in codes]
+    stream = session.stream(iter(codes), batch=1, queue_size=3, policy="drop_oldest")
+    first = next(stream)
+    # the consumer stalls until every batch has been rendered and delivered: all but the newest three are dropped
+    _wait_for(lambda: session.dropped == 30 - 1 - 3, "the drops")
+    got = [first, *stream]
+    assert torch.equal(got[0], want[0]) and len(got) == 4 and session.dropped == 26
+    assert all(torch.equal(g, w) for g, w in zip(got[1:], want[-3:], strict=True))  # newest three, in order
+
+
+def test_inline_mode_gives_the_same_frames_without_a_thread(session):
+    codes = _codes(5, per_chunk=3)
+    threaded = list(session.stream(iter(codes), batch=2))
+    inline = []
+    for frames in session.stream(iter(codes), batch=2, threaded=False):
+        assert not _stream_threads()
+        inline.append(frames)
+    assert len(inline) == len(threaded) == 10
+    assert all(torch.equal(a, b) for a, b in zip(inline, threaded, strict=True))
+
+
+def test_no_thread_outlives_its_stream_on_any_exit_path(session):
+    slow = threading.Event()
+
+    def slow_codes():
+        yield torch.zeros(2, 20)
+        yield torch.zeros(2, 20)
+        slow.wait(0.5)  # a slow producer (an LMDM chunk, a camera)
+        yield torch.zeros(2, 20)
+
+    # the consumer leaves after one batch while the producer is slow
+    for _ in session.stream(slow_codes(), batch=2):
+        break
+    assert not _stream_threads()
+    # the consumer keeps the generator without reading, then drops it
+    stream = session.stream((torch.zeros(2, 20) for _ in range(100)), batch=2, queue_size=1)
+    next(stream)
+    del stream
+    gc.collect()
+    assert not _stream_threads()
+
+    # the producer fails mid-way: the error reaches the consumer, and nothing is left running
+    def failing():
+        yield torch.zeros(2, 20)
+        raise RuntimeError("camera unplugged")
+
+    with pytest.raises(RuntimeError, match="camera unplugged"):
+        list(session.stream(failing(), batch=2))
+    assert not _stream_threads()
+    # a wrong code width is a clear error, also after frames went out
+    with pytest.raises(InputError, match=r"\(N, 20\)"):
+        list(session.stream(iter([torch.zeros(2, 20), torch.zeros(2, 19)]), batch=2))
+    # session.close ends a stream still held by the consumer
+    stream = session.stream((torch.zeros(2, 20) for _ in range(100)), batch=2)
+    next(stream)
+    session.close()
+    assert not _stream_threads()
+
+
+def test_nonfinite_codes_are_refused_or_skipped_by_policy(session):
+    codes = torch.zeros(6, 20)
+    codes[4, 3] = float("nan")
+    with pytest.raises(InputError, match="row 4"):
+        list(session.stream([codes], batch=3))
+    frames = torch.cat(list(session.stream([codes], batch=3, nonfinite="skip")))
+    assert frames.shape[0] == 5 and session.skipped == 1 and torch.isfinite(frames).all()
 
 
 def test_stream_memory_is_flat_and_uint8_output():
@@ -119,7 +198,6 @@ def test_stream_memory_is_flat_and_uint8_output():
 
 
 def test_auto_and_unavailable_backends(ckpt):
-    assert choose_backend("auto", "cpu") in {b for b, why in backend_status("cpu").items() if why is None}
     with pytest.raises(BackendUnavailable, match=r"'tensorrt' is not available on cpu: .*Available: .*torch"):
         choose_backend("tensorrt", "cpu")
     with pytest.raises(BackendUnavailable, match="unknown backend 'fast'"):
@@ -129,4 +207,4 @@ def test_auto_and_unavailable_backends(ckpt):
     with pytest.raises(ValueError, match="policy must be one of"):
         s = Session(ckpt, backend="torch")
         s.start(random_images(1, 32))
-        next(s.stream(iter(_codes(2)), policy="newest"))
+        s.stream(iter(_codes(2)), policy="newest")
