@@ -20,25 +20,22 @@ import datetime
 import json
 import platform
 import statistics
-import time
 
 import torch
 
 from leo_rt import Animator, LIAConfig
-from leo_rt.bench import count_flops, matmul_gflops
-from leo_rt.timing import keep_heap_memory
+from leo_rt.bench import count_flops, cpu_model, matmul_gflops
+from leo_rt.timing import keep_heap_memory, time_calls
 
 
-def timed_pair(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
-    fa(), fb()  # warm-up (oneDNN primitive creation), excluded
+def timed_pair(fa, fb, repeats: int, device="cpu") -> tuple[list[float], list[float]]:
+    """Seconds per call of fa and fb, timed alternately (one call each per repeat) after one warm-up of each
+    (oneDNN primitive creation), so machine noise hits both."""
+    fa(), fb()
     ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fa()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fb()
-        tb.append(time.perf_counter() - t0)
+        ta += time_calls(fa, 1, device, warmup=0)
+        tb += time_calls(fb, 1, device, warmup=0)
     return ta, tb
 
 
@@ -113,7 +110,7 @@ def main() -> None:
     info = {
         "date": datetime.date.today().isoformat(),
         "cpu": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "peak_fp32_gflops": peak,
@@ -151,16 +148,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": rows}, f, indent=2)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

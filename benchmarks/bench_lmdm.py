@@ -12,14 +12,14 @@ import argparse
 import datetime
 import json
 import statistics
-import time
 
 import torch
 
 from leo_rt import Animator
 from leo_rt.lmdm import LMDM, LMDMConfig
-from leo_rt.motion import MotionSampler, generate
-from leo_rt.timing import StageTimer, keep_heap_memory
+from leo_rt.motion import MotionSampler
+from leo_rt.session import Session
+from leo_rt.timing import keep_heap_memory, time_calls
 
 
 def main() -> None:
@@ -52,12 +52,11 @@ def main() -> None:
     for name in args.samplers.split(","):
         for steps in map(int, args.steps.split(",")):
             sampler = MotionSampler(model, name, steps)
-            sampler.sample_chunk(start[:, None], torch.Generator().manual_seed(0))  # warm-up
-            times = []
-            for r in range(args.repeats):
-                t0 = time.perf_counter()
-                sampler.sample_chunk(start[:, None], torch.Generator().manual_seed(r))
-                times.append(time.perf_counter() - t0)
+            times = time_calls(
+                lambda: sampler.sample_chunk(start[:, None], torch.Generator().manual_seed(0)),  # noqa: B023
+                args.repeats,
+                warmup=1,
+            )
             t = statistics.median(times)
             rows.append({"sampler": name, "steps": steps, "chunk_s": t, "ms_per_step": 1e3 * t / steps})
             print(f"{name:>7} {steps:>5} | {t:>8.3f} {1e3 * t / steps:>8.1f} {cfg.chunk / t:>8.1f}", flush=True)
@@ -66,14 +65,21 @@ def main() -> None:
         anim = Animator.random(f"lia-{args.size}" + ("-tiny" if args.tiny else ""), seed=0)
         sampler = MotionSampler(model, "ddim", args.e2e_steps)
         source = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        list(generate(anim, sampler, source, 2, batch=args.batch))  # warm-up
-        timer = StageTimer()
-        t0 = time.perf_counter()
-        n = sum(len(f) for f in generate(anim, sampler, source, args.frames, batch=args.batch, timer=timer))
-        wall = time.perf_counter() - t0
-        s = timer.summary()
+        counted = []
+        with Session(anim, backend="torch") as session:
+            session.start(source)
+            list(session.stream(sampler, n_frames=2, batch=args.batch))  # warm-up
+            session.timer.reset()
+
+            def run() -> None:  # source encode + sampling + rendering, as `leo-rt generate` does
+                session.start(source)
+                counted.append(sum(len(f) for f in session.stream(sampler, n_frames=args.frames, batch=args.batch)))
+
+            (wall,) = time_calls(run, 1, warmup=0)
+            s = session.stats()
+        n = counted[0]
         e2e = {"size": args.size, "frames": n, "steps": args.e2e_steps, "wall_s": wall, "fps": n / wall}
-        e2e.update({f"{stage}_s": s[stage]["total_s"] for stage in ("sample", "render", "source")})
+        e2e.update({f"{stage}_s": s.get(stage, {}).get("total_s", 0.0) for stage in ("sample", "render", "source")})
         print(
             f"\nend to end at {args.size} (lia-{args.size}, {args.preset}, ddim {args.e2e_steps} steps, batch "
             f"{args.batch}): {n} frames in {wall:.1f} s = {n / wall:.2f} frames/s"

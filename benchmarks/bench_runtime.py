@@ -2,8 +2,9 @@
 work done sequentially; (2) backends side by side with the published call pattern.
 
 (1) A tiny animator and an LMDM sized so that sampling a chunk costs about as much as rendering it. Sequential:
-    leo_rt.motion.generate (sample chunk, render it, sample the next …). Overlapped: Session.stream (a worker thread
-    samples chunk k+1 while chunk k renders). Steady-state time per frame excludes the first chunk.
+    Session.stream(threaded=False) (sample chunk, render it, sample the next …, in the caller's thread).
+    Overlapped: Session.stream (threaded: chunk k+1 is sampled while chunk k renders). Steady-state time per frame
+    excludes the first chunk.
 (2) For each backend: render and reenactment per frame at batch 1, with the published decoder / reenactment call
     timed in the same run for the ratio, and the FLOP limit from the measured matmul peak.
 
@@ -23,9 +24,9 @@ import torch
 from leo_rt import Animator
 from leo_rt.bench import count_flops, matmul_gflops
 from leo_rt.lmdm import LMDM, LMDMConfig
-from leo_rt.motion import MotionSampler, generate
+from leo_rt.motion import MotionSampler
 from leo_rt.session import Session
-from leo_rt.timing import keep_heap_memory
+from leo_rt.timing import keep_heap_memory, time_calls
 
 
 def overlap(preset: str, lmdm_preset: str, steps: int, frames: int, batch: int, threads: int) -> None:
@@ -36,17 +37,16 @@ def overlap(preset: str, lmdm_preset: str, steps: int, frames: int, batch: int, 
     source = torch.rand(1, 3, anim.size, anim.size) * 2 - 1
     state = anim.encode_source(source)
     chunk = sampler.chunk
-    # stand-alone costs of one chunk (after a warm-up of both)
-    for i in range(0, chunk, batch):
-        anim.render(state, torch.zeros(min(batch, chunk - i), 20))
-    sampler.sample_chunk(state.alpha_src[:1, None].float(), torch.Generator().manual_seed(0))
-    t = time.perf_counter()
-    codes = sampler.sample_chunk(state.alpha_src[:1, None].float(), torch.Generator().manual_seed(0))[0]
-    sample_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(0, chunk, batch):
-        anim.render(state, codes[i : i + batch])
-    render_s = time.perf_counter() - t
+    # stand-alone costs of one chunk (each warmed up once)
+    known = state.alpha_src[:1, None].float()
+    codes = sampler.sample_chunk(known, torch.Generator().manual_seed(0))[0]
+    (sample_s,) = time_calls(lambda: sampler.sample_chunk(known, torch.Generator().manual_seed(0)), 1)
+
+    def render_chunk():
+        for i in range(0, chunk, batch):
+            anim.render(state, codes[i : i + batch])
+
+    (render_s,) = time_calls(render_chunk, 1)
 
     def steady(stream) -> float:
         times, n = [], 0
@@ -58,10 +58,10 @@ def overlap(preset: str, lmdm_preset: str, steps: int, frames: int, batch: int, 
         first = next(x for x in times if x[0] >= chunk)  # drop the first chunk (nothing to overlap with yet)
         return (times[-1][1] - first[1]) / (times[-1][0] - first[0])
 
-    seq = steady(generate(anim, sampler, source, frames, seed=0, batch=batch))
-    session = Session(anim, backend="torch")
-    session.start(source)
-    ovl = steady(session.stream(sampler, n_frames=frames, batch=batch, seed=0))
+    with Session(anim, backend="torch") as session:
+        session.start(source)
+        seq = steady(session.stream(sampler, n_frames=frames, batch=batch, seed=0, threaded=False))
+        ovl = steady(session.stream(sampler, n_frames=frames, batch=batch, seed=0))
     per_frame_sum = (sample_s + render_s) / chunk
     print(
         f"# overlap: {preset} + {lmdm_preset} (chunk {chunk}, ddim {steps} steps), {frames} frames, batch {batch}, "
@@ -98,13 +98,7 @@ def backends(names: list[str], preset: str, repeats: int) -> None:
         limit = flops / 1e9 / peak
 
         def med(f):
-            f()
-            ts = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t)
-            return statistics.median(ts)
+            return statistics.median(time_calls(f, repeats, "cpu", warmup=1))
 
         with torch.no_grad():
             pub_render = med(lambda: lia.decode(w_a, alpha, feats))
@@ -119,13 +113,16 @@ def backends(names: list[str], preset: str, repeats: int) -> None:
         print(f"{'backend':>12} | {'setup s':>8} {cols}")
         for name in names:
             t = time.perf_counter()
-            session = Session(ckpt, backend=name)
-            state = session.start(src)
-            b = session.backend
-            b.render(state, alpha)
-            setup = time.perf_counter() - t
-            r = med(lambda: b.render(state, alpha))  # noqa: B023
-            re = med(lambda: b.render(state, b.relative_alpha(state, b.encode_motion(drv), start)))  # noqa: B023
+            with Session(ckpt, backend=name) as session:  # its calls run on the session's device worker
+                state = session.start(src)
+                session.render(alpha)
+                setup = time.perf_counter() - t
+                r = med(lambda: session.render(alpha))  # noqa: B023
+
+                def reenact(session=session, state=state):
+                    return session.render(session.relative_alpha(state, session.encode_motion(drv), start))
+
+                re = med(reenact)
             print(
                 f"{name:>12} | {setup:>8.1f} {1e3 * r:>10.0f} {pub_render / r:>5.2f}× {r / limit:>6.2f}× | "
                 f"{1e3 * re:>10.0f} {pub_reenact / re:>5.2f}×",

@@ -61,11 +61,11 @@ def test_lmdm_denoiser_step(benchmark):
 
 
 def test_stream_end_to_end(benchmark, anim):
-    session = Session(anim, backend="torch")
-    session.start(torch.rand(1, 3, anim.size, anim.size) * 2 - 1)
     sampler = MotionSampler(LMDM(LMDMConfig.from_name("lmdm-tiny")), "ddim", 5)
+    with Session(anim, backend="torch") as session:
+        session.start(torch.rand(1, 3, anim.size, anim.size) * 2 - 1)
 
-    def run():
-        return sum(f.shape[0] for f in session.stream(sampler, n_frames=32, batch=8, seed=0))
+        def run():
+            return sum(f.shape[0] for f in session.stream(sampler, n_frames=32, batch=8, seed=0))
 
-    assert benchmark(run) == 32
+        assert benchmark(run) == 32

@@ -2,7 +2,11 @@
 manifest that records and verifies what each file is.
 
     manifest = leo_rt.export.export_checkpoint("vox.pt", "engines/", formats=("onnx", "aoti"))
+    leo_rt.export.check_engines("engines/", "vox.pt")      # refuses engines made from another checkpoint
     renderer = leo_rt.export.ExportedStage("engines/", "renderer", "onnx")
+
+An export holds a file lock on its folder (several processes may share one, e.g. the backend cache under
+$LEO_RT_CACHE): a second export into the same folder waits for the first and then finds its artifacts up to date.
 """
 
 from __future__ import annotations
@@ -11,7 +15,18 @@ import os
 
 from ..errors import InputError
 from .exporter import FORMATS, OPSET, ExportedStage, export_stages
-from .manifest import ManifestError, read_manifest, state_dict_hash, verify_artifact
+from .manifest import (
+    ManifestError,
+    artifact_lock,
+    check_engines,
+    checkpoint_hash,
+    export_lock,
+    is_engines_dir,
+    read_manifest,
+    state_dict_hash,
+    update_manifest,
+    verify_artifact,
+)
 from .stages import StageSpec, animator_stages, lmdm_stage
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -42,6 +57,7 @@ def export_checkpoint(
     from ..animator import load_animator
     from ..kernels import kernels_enabled, onnx_custom_op, set_kernels_enabled, triton_available
     from ..lmdm import load_lmdm
+    from .manifest import _canonical_hash
 
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -49,47 +65,60 @@ def export_checkpoint(
         raise InputError(f"max_batch must be at least 1, got {max_batch}")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     groups = [(tuple(f for f in formats if f != "aoti"), "fp32"), (tuple(f for f in formats if f == "aoti"), precision)]
+
     was_enabled = kernels_enabled()
     if decomposed_warp:
         set_kernels_enabled(False)
     manifest = None
     try:
-        for fmts, stage_precision in groups:
-            if not fmts:
-                continue
-            anim = load_animator(checkpoint, device=device, dtype=dtypes[stage_precision])
-            stages = animator_stages(anim, max_batch)
-            digest = state_dict_hash(anim.state_dict())
-            if lmdm_dir is not None:
-                lmdm = load_lmdm(lmdm_dir, device=device)
-                stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
-                digest = f"{digest}+{state_dict_hash(lmdm.state_dict())}"
-            fused = anim.device.type == "cuda" and kernels_enabled() and triton_available()
-            warp = "onnx-node" if onnx_warp_node and "onnx" in fmts else "triton-op" if fused else "decomposed"
-            with onnx_custom_op(onnx_warp_node and "onnx" in fmts):
-                manifest = export_stages(
-                    stages,
-                    out_dir,
-                    formats=fmts,
-                    precision=stage_precision,
-                    trt_precision=precision,
-                    checkpoint_sha256=digest,
-                    extra={"size": anim.size, "warp": warp},
-                    force=force,
-                    log=log,
-                )
+        with export_lock(out_dir, log=log):
+            # one identity for the checkpoint, whatever dtype each group loads it in (check_engines compares it)
+            digest = checkpoint_hash(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+            lmdm_digest = None
+            for fmts, stage_precision in groups:
+                if not fmts:
+                    continue
+                anim = load_animator(checkpoint, device=device, dtype=dtypes[stage_precision])
+                stages = animator_stages(anim, max_batch)
+                if digest is None:
+                    digest = _canonical_hash(anim.reference.state_dict())
+                full = digest
+                if lmdm_dir is not None:
+                    lmdm = load_lmdm(lmdm_dir, device=device)
+                    stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
+                    lmdm_digest = lmdm_digest or state_dict_hash(lmdm.state_dict())
+                    full = f"{digest}+{lmdm_digest}"
+                fused = anim.device.type == "cuda" and kernels_enabled() and triton_available()
+                warp = "onnx-node" if onnx_warp_node and "onnx" in fmts else "triton-op" if fused else "decomposed"
+                with onnx_custom_op(onnx_warp_node and "onnx" in fmts):
+                    manifest = export_stages(
+                        stages,
+                        out_dir,
+                        formats=fmts,
+                        precision=stage_precision,
+                        trt_precision=precision,
+                        checkpoint_sha256=full,
+                        extra={"size": anim.size, "warp": warp},
+                        force=force,
+                        log=log,
+                    )
+            if isinstance(checkpoint, (str, os.PathLike)) and manifest is not None:
+                # lets a session started from the engines find the model (check_engines still compares hashes)
+                path = str(os.path.abspath(checkpoint))
+                manifest = update_manifest(out_dir, lambda m: m.__setitem__("checkpoint_path", path))
     finally:
         set_kernels_enabled(was_enabled)
-    if isinstance(checkpoint, (str, os.PathLike)):  # lets a session started from the engines find the model
-        from .manifest import write_manifest
-
-        manifest["checkpoint_path"] = str(os.path.abspath(checkpoint))
-        write_manifest(out_dir, manifest)
     return manifest
 
 
 __all__ = [
     "FORMATS",
+    "artifact_lock",
+    "check_engines",
+    "checkpoint_hash",
+    "export_lock",
+    "is_engines_dir",
+    "update_manifest",
     "OPSET",
     "PRECISIONS",
     "ExportedStage",

@@ -6,6 +6,7 @@ import datetime
 import os
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,13 +47,30 @@ def _io_record(spec: StageSpec, module: torch.nn.Module) -> dict:
     }
 
 
+@contextmanager
+def decomposed_warp():
+    """While active, the renderer's warp traces as standard ops (the PyTorch reference), never as the
+    `leo_rt::warp_blend` op: ONNX has no translation for that op, and `torch.export` captures it (on CUDA, with
+    the kernels on) before the ONNX conversion starts, where `torch.onnx.is_in_onnx_export()` is not yet true.
+    An active `onnx_custom_op()` still writes its one custom node."""
+    from ..kernels import kernels_enabled, set_kernels_enabled
+
+    was = kernels_enabled()
+    set_kernels_enabled(False)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(was)
+
+
 def export_onnx(module: torch.nn.Module, spec: StageSpec, path: Path) -> None:
-    """One self-contained ONNX file (opset 18, no external data), batch the only dynamic axis."""
+    """One self-contained ONNX file (opset 18, no external data), batch the only dynamic axis. The warp is
+    always decomposed into standard ops here (or one custom node under `onnx_custom_op()`), on every device."""
     from ..files import atomic_path
 
     sample = spec.sample(min(2, spec.max_batch))
-    ep = torch.export.export(module, sample, dynamic_shapes=spec.dynamic_shapes())
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with decomposed_warp(), atomic_path(path) as tmp, warnings.catch_warnings():
+        ep = torch.export.export(module, sample, dynamic_shapes=spec.dynamic_shapes())
         warnings.simplefilter("ignore")
         torch.onnx.export(
             ep,
@@ -98,6 +116,11 @@ def export_stages(
     bad = set(formats) - set(FORMATS)
     if bad:
         raise InputError(f"unknown export formats {sorted(bad)}; choose from {FORMATS}")
+    if "trt" in formats and (extra or {}).get("warp") == "onnx-node":
+        raise InputError(
+            "--onnx-warp-node writes the warp as one leo_rt::WarpBlend node, which TensorRT cannot build (leo_rt has "
+            "no TensorRT plugin for it); export TensorRT engines without --onnx-warp-node"
+        )
     if "trt" in formats and "onnx" not in formats:
         formats = ("onnx", *formats)  # engines are built from the ONNX files
     out_dir = Path(out_dir)
@@ -138,14 +161,15 @@ def export_stages(
             }
             write_manifest(out_dir, manifest)  # after every artifact, so an interrupted export keeps what it made
     if "trt" in formats:
-        from .tensorrt import Precision, Profile, build_engine
+        from ..precision import Precision
+        from .tensorrt import Profile, build_engine
 
         for name, (_, spec) in stages.items():
             onnx_entry = verify_artifact(out_dir, f"{name}/onnx")
             engine = build_engine(
                 out_dir / onnx_entry["file"],
                 out_dir,
-                precision=Precision(trt_precision or precision),
+                precision=Precision.parse(trt_precision or precision),
                 profile=Profile(spec.min_batch, spec.opt_batch, spec.max_batch),
                 batch_inputs=spec.batch_inputs,
                 force=force,

@@ -1,4 +1,4 @@
-"""Exportable stages, each declaring its contract (ARCHITECTURE.md §6).
+"""Exportable stages, each declaring its contract (docs/ARCHITECTURE.md §6).
 
 - source_encoder: image (B, 3, S, S) → w_a, alpha_src, styles0, feat_8 … feat_S
 - motion_encoder: image (B, 3, S, S) → alpha (B, D)

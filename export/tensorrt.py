@@ -1,12 +1,19 @@
 """TensorRT engines built from the exported ONNX files (TensorRT 10 API), cached, and run on torch's CUDA stream.
 
-UNVERIFIED HERE: TensorRT cannot be installed on the machines this project is developed and tested on, so this
-module is written against the TensorRT 10 Python API and never ran; its tests skip with that reason. It imports
-tensorrt lazily, inside the functions that need it.
+UNVERIFIED HERE: TensorRT cannot be installed on the machines this project is developed and tested on, and the
+lent GPU machines do not have it either, so this module is written against the TensorRT 10 Python API and has
+never run; its tests skip with that reason. It imports tensorrt lazily, inside the functions that need it.
 
 Engines are cached under a key of: the ONNX model's SHA-256, the TensorRT version, the GPU's compute capability,
 the precision and the batch profile. An engine whose key does not match the current machine is refused with an
 error saying how to rebuild.
+
+Precision (leo_rt.precision.Precision): fp32 means IEEE fp32 (TensorRT's default TF32 tactics are turned off),
+tf32 allows them, fp16 / bf16 allow those types where TensorRT finds them faster (weakly typed network).
+
+Running: every tensor address handed to TensorRT is 256-byte aligned (inputs that are not, e.g. row slices of a
+larger tensor, are copied into aligned staging buffers); batches above the profile's maximum are split; output
+buffers grow to the largest batch actually run (a source encoder run at batch 1 holds batch-1 buffers only).
 """
 
 from __future__ import annotations
@@ -15,19 +22,16 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ..errors import BackendUnavailable, InputError
-from .manifest import ManifestError, sha256_file
+from ..errors import BackendUnavailable, InputError, ManifestError
+from ..precision import Precision
+from .manifest import sha256_file
 
-
-class Precision(str, Enum):
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
+ALIGNMENT = 256  # bytes: TensorRT's requirement for every I/O tensor address
+CUSTOM_DOMAIN = "leo_rt"  # the domain of the optional WarpBlend node, which TensorRT has no plugin for
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def _trt():
     return trt
 
 
-def engine_key(onnx_sha256: str, precision: Precision, profile: Profile) -> dict:
+def engine_key(onnx_sha256: str, precision: Precision | str, profile: Profile) -> dict:
     """The identity an engine is cached under."""
     trt = _trt()
     if not torch.cuda.is_available():
@@ -72,13 +76,57 @@ def engine_key(onnx_sha256: str, precision: Precision, profile: Profile) -> dict
         "onnx_sha256": onnx_sha256,
         "tensorrt": trt.__version__,
         "compute_capability": f"{major}.{minor}",
-        "precision": Precision(precision).value,
+        "precision": Precision.parse(precision).value,
         "profile": asdict(profile),
     }
 
 
 def _key_name(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def custom_nodes(onnx_path: str | os.PathLike) -> list[str]:
+    """The `leo_rt` custom-domain nodes of an ONNX file (the --onnx-warp-node WarpBlend), which TensorRT cannot
+    build without a plugin."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain == CUSTOM_DOMAIN})
+
+
+def refuse_custom_nodes(onnx_path: str | os.PathLike) -> None:
+    nodes = custom_nodes(onnx_path)
+    if nodes:
+        raise InputError(
+            f"{onnx_path} holds {', '.join(nodes)} (written by --onnx-warp-node), which TensorRT cannot build: leo_rt "
+            "has no TensorRT plugin for it. Re-export without --onnx-warp-node for TensorRT engines"
+        )
+
+
+def _builder_flags(trt, config, precision: Precision) -> None:
+    # TensorRT enables TF32 tactics by default on Ampere and later: fp32 must turn them off to mean fp32
+    if precision is Precision.TF32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if precision is Precision.FP16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision is Precision.BF16:
+        config.set_flag(trt.BuilderFlag.BF16)
+
+
+def _timing_cache(trt, config, cache_path: Path, log):
+    """The builder's timing cache, read from cache_path when that file fits this TensorRT and GPU, else fresh."""
+    data = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if data:
+        log(f"{cache_path} was written by another TensorRT version or GPU; starting a fresh timing cache")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused a fresh timing cache (IBuilderConfig.set_timing_cache returned False)")
+    return cache
 
 
 def build_engine(
@@ -90,12 +138,14 @@ def build_engine(
     batch_inputs: tuple[str, ...],
     workspace_mb: int = 1024,
     force: bool = False,
+    log=lambda s: None,
 ) -> Path:
     """Build (or reuse from the cache) a serialized engine for `onnx_path`. `workspace_mb` caps the builder's
     scratch memory for edge devices; a timing cache beside the engines makes rebuilds fast."""
-    trt = _trt()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    precision = Precision(precision)
+    refuse_custom_nodes(onnx_path)  # before TensorRT is needed: the error is the same with or without it
+    trt = _trt()
+    precision = Precision.parse(precision)
     key = engine_key(sha256_file(onnx_path), precision, profile)
     engine_path = out_dir / f"{onnx_path.stem}.{_key_name(key)}.engine"
     meta_path = engine_path.with_suffix(".json")
@@ -110,10 +160,7 @@ def build_engine(
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if precision is Precision.FP16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision is Precision.BF16:
-        config.set_flag(trt.BuilderFlag.BF16)
+    _builder_flags(trt, config, precision)
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -123,10 +170,10 @@ def build_engine(
         else:
             dims = [shape] * 3
         opt_profile.set_shape(tensor.name, *dims)
-    config.add_optimization_profile(opt_profile)
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise RuntimeError(f"TensorRT refused the batch profile {asdict(profile)} for {onnx_path}")
     cache_path = out_dir / "timing.cache"
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = _timing_cache(trt, config, cache_path, log)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path} ({precision.value})")
@@ -135,22 +182,37 @@ def build_engine(
     with atomic_path(engine_path) as tmp:
         Path(tmp).write_bytes(bytes(serialized))
     with atomic_path(cache_path) as tmp:
-        Path(tmp).write_bytes(bytes(config.get_timing_cache().serialize()))
+        Path(tmp).write_bytes(bytes(cache.serialize()))
     with atomic_path(meta_path) as tmp:
         Path(tmp).write_text(json.dumps(key, indent=2) + "\n")
     return engine_path
 
 
+def is_aligned(t: torch.Tensor, alignment: int = ALIGNMENT) -> bool:
+    return t.data_ptr() % alignment == 0
+
+
+def batch_chunks(batch: int, max_batch: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges that cover `batch` rows in pieces of at most `max_batch`."""
+    if max_batch < 1:
+        raise InputError(f"max_batch must be at least 1, got {max_batch}")
+    return [(i, min(i + max_batch, batch)) for i in range(0, batch, max_batch)]
+
+
 class TRTEngine:
-    """A deserialized engine: load → allocate (once, for the profile's max batch) → infer on torch's current CUDA
-    stream, with no host copies per call."""
+    """A deserialized engine run on the current torch CUDA stream, without host copies per call.
+
+    `infer(feeds)` takes CUDA tensors by input name; inputs whose address TensorRT cannot take (not 256-byte
+    aligned, not contiguous, another dtype) go through staging buffers. Batches above the profile maximum are split
+    into several runs. Outputs are views of buffers this engine owns, valid until its next call (copy them to keep
+    them); a split batch returns fresh tensors."""
 
     def __init__(self, engine_path: str | os.PathLike, onnx_path: str | os.PathLike):
         trt = _trt()
         engine_path = Path(engine_path)
         meta = json.loads(engine_path.with_suffix(".json").read_text())
         profile = Profile(**meta["profile"])
-        expected = engine_key(sha256_file(onnx_path), Precision(meta["precision"]), profile)
+        expected = engine_key(sha256_file(onnx_path), meta["precision"], profile)
         if meta != expected:
             diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
             raise ManifestError(
@@ -163,11 +225,18 @@ class TRTEngine:
         if self.engine is None:
             raise ManifestError(f"TensorRT could not deserialize {engine_path}; rebuild it with --force")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {engine_path} (out of memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._buffers: dict[str, torch.Tensor] = {}
+        # the dynamic batch axis shows as -1 in the engine's shapes
+        self.batch_inputs = {n for n in self.inputs if self.engine.get_tensor_shape(n)[0] == -1}
+        self.batch_outputs = {n for n in self.outputs if self.engine.get_tensor_shape(n)[0] == -1}
         self._trt = trt
+        self._capacity = 0  # the batch the output and staging buffers hold
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._staging: dict[str, torch.Tensor] = {}
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self._trt
@@ -180,34 +249,114 @@ class TRTEngine:
         }
         return table[self.engine.get_tensor_dtype(name)]
 
-    def allocate(self, max_batch: int | None = None) -> None:
-        """Preallocate every output for the largest batch; later calls use views of these buffers."""
-        b = max_batch or self.profile.max_batch
+    def _input_shape(self, name: str, batch: int) -> list[int]:
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+        shape = list(hi)
+        if name in self.batch_inputs:
+            shape[0] = batch
+        elif list(lo) != shape:  # only axis 0 of the batch inputs is dynamic in leo_rt's engines
+            raise RuntimeError(f"input {name} of this engine has a dynamic shape {list(lo)}…{shape} besides the batch")
+        return shape
+
+    def _set_shape(self, name: str, shape: list[int]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            p = self.profile
+            raise InputError(
+                f"TensorRT refused shape {shape} for input {name} (profile batch {p.min_batch}…{p.max_batch}, "
+                "other axes as exported)"
+            )
+
+    def allocate(self, batch: int | None = None) -> None:
+        """Size the output and staging buffers for `batch` (default: the profile's opt batch); they also grow by
+        themselves to the largest batch run. A source encoder needs batch 1 only."""
+        b = self.profile.opt_batch if batch is None else batch
+        b = max(self.profile.min_batch, min(b, self.profile.max_batch))
         for name in self.inputs:
-            shape = list(self.engine.get_tensor_profile_shape(name, 0)[2])
-            self.context.set_input_shape(name, shape)
+            shape = self._input_shape(name, b)
+            self._set_shape(name, shape)
+            self._staging[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
         for name in self.outputs:
             shape = list(self.context.get_tensor_shape(name))
-            shape[0] = max(shape[0], b)
-            self._buffers[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+            if any(s < 0 for s in shape):
+                raise RuntimeError(f"TensorRT could not infer the shape of output {name}: {shape}")
+            self._outputs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
+        self._capacity = b
+
+    def _batch(self, feeds: dict[str, torch.Tensor]) -> int:
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise InputError(f"missing engine inputs {missing}; this engine takes {self.inputs}")
+        sizes = {feeds[n].shape[0] for n in self.batch_inputs}
+        if len(sizes) > 1:
+            raise InputError(f"the batch inputs {sorted(self.batch_inputs)} have different batch sizes {sorted(sizes)}")
+        return sizes.pop() if sizes else 1
 
     def infer(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run on the current torch CUDA stream. Outputs are views into the preallocated buffers (valid until the
-        next call)."""
-        if not self._buffers:
-            self.allocate()
+        """Run on the current torch CUDA stream; a batch above the profile's maximum runs in pieces."""
+        batch = self._batch(feeds)
+        if batch < self.profile.min_batch:
+            raise InputError(f"batch {batch} is below this engine's profile minimum {self.profile.min_batch}")
+        chunks = batch_chunks(batch, self.profile.max_batch)
+        if len(chunks) == 1:
+            return self._run(feeds, batch)
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.outputs}
+        last: dict[str, torch.Tensor] = {}
+        for lo, hi in chunks:
+            piece = {n: (t[lo:hi] if n in self.batch_inputs else t) for n, t in feeds.items()}
+            out = self._run(piece, hi - lo)
+            for n, t in out.items():
+                if n in self.batch_outputs:
+                    parts[n].append(t.clone())  # the next piece overwrites the engine's buffers
+                else:
+                    last[n] = t.clone()
+        return {n: (torch.cat(parts[n]) if n in self.batch_outputs else last[n]) for n in self.outputs}
+
+    def _address(self, name: str, t: torch.Tensor, batch: int) -> int:
+        """An address TensorRT can read `t` from: its own, or that of an aligned staging copy."""
+        want = self._torch_dtype(name)
+        if not t.is_cuda:
+            raise InputError(f"input {name} must be a CUDA tensor, got one on {t.device}")
+        if t.dtype == want and t.is_contiguous() and is_aligned(t):
+            return t.data_ptr()
+        stage = self._staging[name][:batch] if name in self.batch_inputs else self._staging[name]
+        stage.copy_(t)  # converts the dtype and gathers a strided view in one device copy
+        return stage.data_ptr()
+
+    def _run(self, feeds: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        if batch > self._capacity:
+            self.allocate(batch)
         for name in self.inputs:
             t = feeds[name]
-            if not t.is_cuda or not t.is_contiguous():
-                raise InputError(f"input {name} must be a contiguous CUDA tensor")
-            self.context.set_input_shape(name, list(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+            shape = self._input_shape(name, batch)
+            if list(t.shape) != shape:
+                raise InputError(f"input {name} must have shape {shape}, got {list(t.shape)}")
+            self._set_shape(name, shape)
+            if not self.context.set_tensor_address(name, self._address(name, t, batch)):
+                raise RuntimeError(f"TensorRT refused the address of input {name}")
         outs = {}
         for name in self.outputs:
             shape = list(self.context.get_tensor_shape(name))
-            view = self._buffers[name][: shape[0]]
-            self.context.set_tensor_address(name, view.data_ptr())
-            outs[name] = view.view(shape)
+            buf = self._outputs[name]
+            view = buf[: shape[0]] if name in self.batch_outputs else buf
+            view = view.view(shape)  # a leading slice of a fresh buffer: as aligned as the buffer itself
+            if not self.context.set_tensor_address(name, view.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of output {name}")
+            outs[name] = view
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise RuntimeError("TensorRT execution failed (execute_async_v3 returned False)")
         return outs
+
+
+__all__ = [
+    "ALIGNMENT",
+    "Precision",
+    "Profile",
+    "TRTEngine",
+    "TensorRTUnavailable",
+    "batch_chunks",
+    "build_engine",
+    "custom_nodes",
+    "engine_key",
+    "is_aligned",
+    "refuse_custom_nodes",
+]

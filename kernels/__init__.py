@@ -1,13 +1,15 @@
-"""leo_rt.kernels: the warp + occlusion blend and grid_sample, as Triton kernels with PyTorch references.
+"""leo_rt.kernels: the warp + occlusion blend as a fused Triton kernel, with its PyTorch reference.
 
-`warp_blend` is what the fast renderer calls: the `leo_rt::warp_blend` custom op (fused Triton kernel) on CUDA,
-the PyTorch reference on CPU. Importing this package does not import triton.
+`warp_blend` is what the fast renderer calls: the `leo_rt::warp_blend` op (fused Triton kernel) on CUDA, the
+PyTorch reference on CPU. Modules: `warp` (reference, op, dispatcher), `warp_triton` (the fused kernel),
+`sample_triton` (a standalone Triton grid_sample and the sampling helpers), `compile_report` (compiles every
+kernel configuration for a GPU target and reads registers and spills, without a GPU). No module shares a name
+with a function. Importing this package imports triton only where the op is a triton_op (see `warp`).
 """
 
 from .warp import (
     base_grid,
     check_warp_inputs,
-    grid_sample,
     kernels_enabled,
     onnx_custom_op,
     set_kernels_enabled,
@@ -20,7 +22,6 @@ from .warp import (
 __all__ = [
     "base_grid",
     "check_warp_inputs",
-    "grid_sample",
     "kernels_enabled",
     "onnx_custom_op",
     "set_kernels_enabled",

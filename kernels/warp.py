@@ -1,13 +1,20 @@
-"""Warp + occlusion blend (ToFlow of ARCHITECTURE.md §2): PyTorch reference, the `leo_rt::warp_blend` custom op,
-and the dispatcher the renderer calls.
+"""Warp + occlusion blend (ToFlow of docs/ARCHITECTURE.md §2): PyTorch reference, the `leo_rt::warp_blend` op, and
+the dispatcher the renderer calls.
 
 Which path runs:
-- CUDA tensors, Triton importable, kernels enabled → the fused Triton kernel (through the custom op, so eager,
-  torch.compile and torch.export all see one opaque op with a fake implementation).
-- otherwise (CPU, no Triton, `LEO_RT_KERNELS=0`, or `set_kernels_enabled(False)`) → the PyTorch reference.
+- CUDA tensors, Triton importable, kernels enabled → the fused Triton kernel, through the op. On a machine with a
+  GPU (or in Triton's interpreter) the op is a `torch.library.triton_op`: eager calls launch the kernel, while
+  torch.compile and AOTInductor trace into it (the launch goes through `wrap_triton`) and compile the kernel into
+  their output, so a CUDA AOTInductor package is self-contained; torch.export keeps it as one node. Elsewhere it
+  is a plain custom op (registering a triton_op imports torch._inductor, ~2 s, not worth it without a GPU).
+- otherwise (CPU, no Triton, `LEO_RT_KERNELS=0`, or `set_kernels_enabled(False)`) → the PyTorch reference, called
+  directly, outside the op. The op itself runs the reference on non-CUDA tensors (for tests and CPU traces).
 - during ONNX export → the reference (standard GridSample and element-wise ops), unless
   `onnx_custom_op(True)` asks for one `WarpBlend` node in the custom domain `leo_rt` (inputs feat, logits, h;
   outputs f̃, h'), for a runtime that implements it.
+
+Sources: `feat` is (1, C, H, W) shared by every frame, (N, C, H, W) one per frame, or, with `src_index` (N,)
+integers, a (K, C, H, W) stack of which frame n reads source src_index[n].
 """
 
 from __future__ import annotations
@@ -68,8 +75,11 @@ def base_grid(h: int, w: int | None = None, device=None, dtype=torch.float32) ->
     return torch.stack([gx, gy], dim=-1).unsqueeze(0).float().to(dtype)
 
 
-def check_warp_inputs(feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor) -> None:
-    """Clear errors for inputs the op does not take."""
+def check_warp_inputs(
+    feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, src_index: torch.Tensor | None = None
+) -> None:
+    """Clear errors for inputs the op does not take. The values of src_index are not read here (that would wait
+    for the GPU): callers check their range (Animator.render does)."""
     for name, t in (("feat", feat), ("logits", logits), ("h", h)):
         if t.dim() != 4:
             raise InputError(f"warp_blend: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
@@ -80,8 +90,20 @@ def check_warp_inputs(feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor)
         raise InputError(
             f"warp_blend: logits must be ({b}, 3, {hh}, {ww}) to match h {tuple(h.shape)}, got {tuple(logits.shape)}"
         )
-    if feat.shape[1:] != h.shape[1:] or feat.shape[0] not in (1, b):
-        raise InputError(f"warp_blend: feat must be (1 or {b}, {c}, {hh}, {ww}) to match h, got {tuple(feat.shape)}")
+    if src_index is None:
+        if feat.shape[1:] != h.shape[1:] or feat.shape[0] not in (1, b):
+            raise InputError(
+                f"warp_blend: feat must be (1 or {b}, {c}, {hh}, {ww}) to match h, got {tuple(feat.shape)}"
+            )
+    else:
+        if feat.shape[1:] != h.shape[1:]:
+            raise InputError(f"warp_blend: feat must be (K, {c}, {hh}, {ww}) to match h, got {tuple(feat.shape)}")
+        if src_index.dim() != 1 or src_index.shape[0] != b:
+            raise InputError(f"warp_blend: src_index must be ({b},), a source per frame, got {tuple(src_index.shape)}")
+        if src_index.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"warp_blend: src_index has dtype {src_index.dtype}; use torch.int64")
+        if src_index.device != h.device:
+            raise InputError(f"warp_blend: src_index is on {src_index.device} but h on {h.device}")
     if feat.dtype != h.dtype:
         raise InputError(f"warp_blend: feat ({feat.dtype}) and h ({h.dtype}) must share a dtype")
     if hh < 2 or ww < 2:
@@ -91,19 +113,26 @@ def check_warp_inputs(feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor)
 
 
 def warp_blend_reference(
-    feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, grid: torch.Tensor | None = None
+    feat: torch.Tensor,
+    logits: torch.Tensor,
+    h: torch.Tensor,
+    grid: torch.Tensor | None = None,
+    src_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch reference. feat (1 or N, C, H, W) source features, broadcast when 1 (a view, never a copy);
-    logits (N, 3, H, W); h (N, C, H, W); grid the (1, H, W, 2) base grid (built when None). Coordinates in fp32
-    (or wider) whatever the dtype. Returns (f̃, h') with f̃ = grid_sample(feat, base + tanh(L[:, :2]))·sigmoid(L[:, 2])
-    and h' = f̃ + h·(1 − m), both in h's dtype and memory layout."""
+    """PyTorch reference. feat (1 or N, C, H, W) source features, broadcast when 1 (a view, never a copy), or
+    (K, C, H, W) with src_index (N,): frame n samples feat[src_index[n]] (gathered here); logits (N, 3, H, W);
+    h (N, C, H, W); grid the (1, H, W, 2) base grid (built when None). Coordinates in fp32 (or wider) whatever the
+    dtype. Returns (f̃, h') with f̃ = grid_sample(feat, base + tanh(L[:, :2]))·sigmoid(L[:, 2]) and
+    h' = f̃ + h·(1 − m), both in h's dtype and memory layout."""
     n = logits.shape[0]
     if grid is None:
         grid = base_grid(h.shape[2], h.shape[3], device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
     coords = grid + torch.tanh(logits[:, 0:2].to(grid.dtype)).permute(0, 2, 3, 1)
     mask = torch.sigmoid(logits[:, 2:3].to(h.dtype))
     feat = feat.to(coords.dtype)  # before the broadcast, so a low-precision source is converted once, not N times
-    if feat.shape[0] == 1:  # (a static test, so a symbolic batch stays symbolic under export)
+    if src_index is not None:
+        feat = feat.index_select(0, src_index)  # (N, C, H, W): frame n's own source
+    elif feat.shape[0] == 1:  # (a static test, so a symbolic batch stays symbolic under export)
         feat = feat.expand(n, -1, -1, -1)  # a view: the source features are shared, never copied
     sampled = F.grid_sample(feat, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
     # grid_sample writes NCHW whatever the input layout; match h's layout so the blend is one dense pass
@@ -117,54 +146,71 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 def _use_triton(t: torch.Tensor) -> bool:
+    """The dispatcher's choice: the Triton kernel (through the op) for CUDA tensors when kernels are on."""
     return t.is_cuda and _STATE["enabled"] and _TRITON
 
 
-@torch.library.custom_op("leo_rt::warp_blend", mutates_args=())
-def warp_blend_op(feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused warp as an opaque torch op: the Triton kernel on CUDA, the reference elsewhere."""
-    check_warp_inputs(feat, logits, h)
-    if _use_triton(h):
-        from .warp_blend import warp_blend_triton
+def _kernel_device(t: torch.Tensor) -> bool:
+    """The op's choice: the kernel on CUDA tensors (when Triton is importable), the reference elsewhere."""
+    return t.is_cuda and _TRITON
 
-        return warp_blend_triton(feat, logits, h)
-    warped, out = warp_blend_reference(feat, logits, h)
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+# A triton_op on a GPU machine or in the interpreter (decided once, at import: an op cannot change its kind);
+# LEO_RT_TRITON_OP=1 asks for it anyway (the tests trace the CUDA path with fake CUDA tensors on a CPU machine).
+_TRITON_OP = _TRITON and (_env_on("LEO_RT_TRITON_OP") or _env_on("TRITON_INTERPRET") or torch.cuda.is_available())
+if _TRITON_OP:
+    # imported here so that torch.library.triton_op finds the kernel behind `_launch_triton` (the AOTAutograd
+    # cache key hashes its source)
+    from .warp_triton import warp_blend_triton as _launch_triton
+else:
+
+    def _launch_triton(feat, logits, h, src_index):
+        from .warp_triton import warp_blend_triton
+
+        return warp_blend_triton(feat, logits, h, src_index)
+
+
+def _warp_blend_impl(
+    feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, src_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body of `leo_rt::warp_blend` (and its fake): outputs dense in h's layout."""
+    check_warp_inputs(feat, logits, h, src_index)
+    if _kernel_device(h):
+        return _launch_triton(feat, logits, h, src_index)
+    warped, out = warp_blend_reference(feat, logits, h, None, src_index)
     return warped.contiguous(memory_format=_layout(h)), out.contiguous(memory_format=_layout(h))
 
 
-@warp_blend_op.register_fake
-def _warp_blend_fake(feat, logits, h):
-    check_warp_inputs(feat, logits, h)
-    return torch.empty_like(h), torch.empty_like(h)
+if _TRITON_OP:
+    warp_blend_op = torch.library.triton_op("leo_rt::warp_blend", _warp_blend_impl, mutates_args=())
+else:
+    warp_blend_op = torch.library.custom_op("leo_rt::warp_blend", _warp_blend_impl, mutates_args=())
+    warp_blend_op.register_fake(_warp_blend_impl)  # the reference traces; empty outputs would do as well
 
 
 def warp_blend(
-    feat: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, grid: torch.Tensor | None = None
+    feat: torch.Tensor,
+    logits: torch.Tensor,
+    h: torch.Tensor,
+    grid: torch.Tensor | None = None,
+    src_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the renderer calls: the custom op (Triton) on CUDA, the reference on CPU or when kernels are off;
-    under ONNX export the reference, or the op when `onnx_custom_op()` is active."""
+    """What the renderer calls: the op (Triton) on CUDA, the reference on CPU or when kernels are off; under ONNX
+    export the reference, or one custom node when `onnx_custom_op()` is active. src_index (N,) int64: frame n
+    reads feat[src_index[n]] of a (K, C, H, W) stack (the kernel offsets its reads; the reference gathers)."""
     if _STATE["onnx_custom"]:  # tracing for ONNX: one node for a runtime with its own WarpBlend (a TRT plugin)
+        if src_index is not None:
+            feat = feat.index_select(0, src_index)  # the node takes one source per frame (or one for all)
         warped, out = torch.onnx.ops.symbolic_multi_out(
             ONNX_OP, (feat, logits, h), dtypes=(h.dtype, h.dtype), shapes=(h.shape, h.shape), version=1
         )
         return warped, out
     if torch.onnx.is_in_onnx_export():
-        return warp_blend_reference(feat, logits, h, grid)
+        return warp_blend_reference(feat, logits, h, grid, src_index)
     if _use_triton(h):
-        return torch.ops.leo_rt.warp_blend(feat, logits, h)
-    return warp_blend_reference(feat, logits, h, grid)
-
-
-def grid_sample(
-    inp: torch.Tensor,
-    grid: torch.Tensor,
-    mode: str = "bilinear",
-    padding_mode: str = "zeros",
-    align_corners: bool = False,
-) -> torch.Tensor:
-    """grid_sample with the Triton kernel on CUDA (bilinear/nearest, zeros/border), torch's elsewhere."""
-    if _use_triton(inp) and mode in ("bilinear", "nearest") and padding_mode in ("zeros", "border"):
-        from .grid_sample import grid_sample_triton
-
-        return grid_sample_triton(inp, grid, mode, padding_mode, align_corners)
-    return F.grid_sample(inp, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+        return torch.ops.leo_rt.warp_blend(feat, logits, h, src_index)
+    return warp_blend_reference(feat, logits, h, grid, src_index)

@@ -17,7 +17,7 @@ _CL = torch.channels_last
 
 
 class Animator:
-    """An LIA image animator in its fast form (ARCHITECTURE.md §3), built from the official parameters.
+    """An LIA image animator in its fast form (docs/ARCHITECTURE.md §3), built from the official parameters.
 
     ``reference`` is the same network in the published form (same parameter tensors), for comparison.
     Images are (B, 3, S, S) floats in [-1, 1]; frames come back the same way, unclamped.
@@ -73,20 +73,37 @@ class Animator:
         return self.encoder.motion_from_wa(w_a)
 
     @torch.no_grad()
-    def render(self, source: SourceState, alpha: torch.Tensor) -> torch.Tensor:
+    def render(self, source: SourceState, alpha: torch.Tensor, src_index: torch.Tensor | None = None) -> torch.Tensor:
         """Frames (N, 3, S, S) for motion codes alpha (N, motion_dim), absolute mode z = w_a + alpha·Qᵀ.
-        The source has batch 1 (shared by all N frames, never copied) or batch N (one source per frame)."""
+        Without src_index the source has batch 1 (shared by all N frames, never copied) or batch N (one source per
+        frame). With src_index (N,) integers in [0, K), frame n renders source src_index[n] of a K-source state
+        (several sources in one batch; their features are read in place, never copied per frame)."""
         m = self.config.motion_dim
         if not isinstance(alpha, torch.Tensor) or alpha.dim() != 2 or alpha.shape[1] != m:
             shape = tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__
             raise InputError(f"alpha must be an (N, {m}) tensor of motion codes, got {shape}")
-        if source.batch not in (1, alpha.shape[0]):
+        if src_index is not None:
+            src_index = self._src_index(src_index, alpha.shape[0], source.batch)
+        elif source.batch not in (1, alpha.shape[0]):
             raise InputError(
                 f"a source state of batch {source.batch} cannot render {alpha.shape[0]} frames: encode one source "
-                "(batch 1, shared by every frame) or one source per frame"
+                "(batch 1, shared by every frame) or one source per frame, or pass src_index"
             )
         alpha = alpha.to(device=self.device, dtype=self.dtype)
-        return self.renderer(alpha, source.styles0, source.feats).contiguous()
+        return self.renderer(alpha, source.styles0, source.feats, src_index).contiguous()
+
+    def _src_index(self, src_index: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """src_index checked (shape (n,), integers in [0, k)) and moved to the device as int64. The range check
+        reads the values: pass the index on the CPU to keep it free of a device sync."""
+        if not isinstance(src_index, torch.Tensor) or src_index.shape != (n,):
+            shape = tuple(src_index.shape) if isinstance(src_index, torch.Tensor) else type(src_index).__name__
+            raise InputError(f"src_index must be an ({n},) tensor, one source index per frame, got {shape}")
+        if src_index.dtype.is_floating_point or src_index.dtype.is_complex or src_index.dtype == torch.bool:
+            raise InputError(f"src_index must hold integers (torch.int64), got {src_index.dtype}")
+        if n and (int(src_index.min()) < 0 or int(src_index.max()) >= k):
+            lo, hi = int(src_index.min()), int(src_index.max())
+            raise InputError(f"src_index values must lie in [0, {k}) for a state of {k} sources, got {lo}..{hi}")
+        return src_index.to(device=self.device, dtype=torch.int64)
 
     def relative_alpha(self, source: SourceState, alpha_drv: torch.Tensor, alpha_start: torch.Tensor) -> torch.Tensor:
         """Relative reenactment as in the published demo: alpha = alpha_drv − alpha_start + alpha_src."""

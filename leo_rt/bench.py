@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .timing import synchronize, time_calls
+
 SCHEMA_VERSION = 1
 BENCH_SCHEMA = {
     "type": "object",
@@ -86,22 +88,6 @@ BENCH_SCHEMA = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _times(fn: Callable, n: int, device: torch.device) -> list[float]:
-    out = []
-    for _ in range(n):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def matmul_gflops(
     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 1.0
 ) -> float:
@@ -110,11 +96,12 @@ def matmul_gflops(
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    synchronize(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
-    _sync(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -132,8 +119,7 @@ def measure_peak(device: torch.device, seconds: float = 1.0) -> tuple[float, flo
     gflops = matmul_gflops(device, seconds=seconds)
     x = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    y.copy_(x)
-    t = min(_times(lambda: y.copy_(x), 5, device))
+    t = min(time_calls(lambda: y.copy_(x), 5, device, warmup=1))
     return gflops, 2 * x.numel() / t / 1e9
 
 
@@ -143,17 +129,21 @@ def render_flops(animator, batch: int = 1) -> int:
     return count_flops(lambda: animator.render(state, torch.zeros(batch, animator.config.motion_dim)))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown"
+
+
 def _machine(device: torch.device, peak: float, copy: float) -> dict:
     from .export.manifest import versions
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -177,7 +167,7 @@ def run_bench(
 ) -> dict:
     """Run the benchmark and return the JSON-able result (validated by BENCH_SCHEMA)."""
     from .animator import Animator
-    from .pipelines import resolve_device
+    from .backends import resolve_device
     from .session import Session
 
     dev = resolve_device(device)
@@ -200,38 +190,46 @@ def run_bench(
                 with torch.no_grad():
                     w_a, feats = lia.encode_app(src)
                     w_b, f_b = w_a.expand(batch, -1), [f.expand(batch, -1, -1, -1) for f in feats]
-                    t0 = time.perf_counter()
-                    lia.decode(w_b, alpha, f_b)
-                    warm = time.perf_counter() - t0
-                    r = _times(lambda: lia.decode(w_b, alpha, f_b), frames, dev)  # noqa: B023
-                    m = _times(lambda: lia.encode_motion(drv), max(1, frames // 2), dev)  # noqa: B023
+                    warm = time_calls(lambda: lia.decode(w_b, alpha, f_b), 1, dev, warmup=0)[0]  # noqa: B023
+                    r = time_calls(lambda: lia.decode(w_b, alpha, f_b), frames, dev, warmup=0)  # noqa: B023
+                    m = time_calls(lambda: lia.encode_motion(drv), max(1, frames // 2), dev)  # noqa: B023
                 published[batch] = statistics.median(r) / batch
                 rows.append(_row("published", size, batch, "fp32", warm, r, m, 0.0, gflop, peak, None))
                 log(_fmt(rows[-1]))
             for name in backends:
                 _reset_peak(dev)
                 t0 = time.perf_counter()
-                session = Session(ckpt, backend=name, device=dev, precision=precision)
-                t_src = time.perf_counter()
-                state = session.start(src)
-                source_s = time.perf_counter() - t_src
-                b = session.backend
-                for batch in batches:
-                    drv = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(dev)
-                    alpha = torch.randn(batch, ref.config.motion_dim, generator=g).to(dev) * 0.5
-                    b.render(state, alpha)
-                    b.encode_motion(drv)
-                    warm = time.perf_counter() - t0  # set-up (export, compile) and first calls
-                    r = _times(lambda: b.render(state, alpha), frames, dev)  # noqa: B023
-                    m = _times(lambda: b.encode_motion(drv), max(1, frames // 2), dev)  # noqa: B023
-                    speed = published[batch] / (statistics.median(r) / batch)
-                    rows.append(
-                        _row(
-                            name, size, batch, precision, warm, r, m, source_s, gflop, peak, speed, _peak_device_mb(dev)
+                # the session's calls run on its device worker, as every compiled or captured call must
+                with Session(ckpt, backend=name, device=dev, precision=precision) as session:
+                    source_s = time_calls(lambda: session.start(src), 1, dev, warmup=0)[0]  # noqa: B023
+                    for batch in batches:
+                        drv = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(dev)
+                        alpha = torch.randn(batch, ref.config.motion_dim, generator=g).to(dev) * 0.5
+                        session.render(alpha)
+                        session.encode_motion(drv)
+                        synchronize(dev)
+                        warm = time.perf_counter() - t0  # set-up (export, compile) and first calls
+                        r = time_calls(lambda: session.render(alpha), frames, dev, warmup=0)  # noqa: B023
+                        m = time_calls(lambda: session.encode_motion(drv), max(1, frames // 2), dev, warmup=0)  # noqa: B023
+                        speed = published[batch] / (statistics.median(r) / batch)
+                        rows.append(
+                            _row(
+                                name,
+                                size,
+                                batch,
+                                precision,
+                                warm,
+                                r,
+                                m,
+                                source_s,
+                                gflop,
+                                peak,
+                                speed,
+                                _peak_device_mb(dev),
+                            )
                         )
-                    )
-                    log(_fmt(rows[-1]))
-                    t0 = time.perf_counter()
+                        log(_fmt(rows[-1]))
+                        t0 = time.perf_counter()
     return {"schema_version": SCHEMA_VERSION, "machine": _machine(dev, peak, copy), "rows": rows}
 
 

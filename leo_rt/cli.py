@@ -183,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result (with machine info) here")
     p.add_argument("--plot", default=None, help="write a PNG of latency and throughput vs batch here")
 
+    from .serve.command import add_serve_arguments
+
+    p = sub.add_parser("serve", help="live avatars over WebRTC and WebSocket, a page at / (--ray: on Ray Serve)")
+    add_serve_arguments(p)
+    from .serve.cluster import add_cluster_arguments
+
+    add_cluster_arguments(p)
+
     p = sub.add_parser("info", help="describe a checkpoint: size, parameters, format, contents")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -513,7 +521,18 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    if getattr(args, "ray", None) is not None and args.ray is not False:
+        from .serve.cluster import run_cluster_from_args
+
+        return run_cluster_from_args(args) or 0
+    from .serve.command import run_server
+
+    return run_server(args) or 0
+
+
 COMMANDS = {
+    "serve": cmd_serve,
     "reenact": cmd_reenact,
     "demo": cmd_demo,
     "info": cmd_info,

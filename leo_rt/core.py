@@ -439,9 +439,10 @@ class FrameCore:
         slots = [self._bank.slot(r.handle) for r in requests]
         counts = [r.alpha.shape[0] for r in requests]
         alpha = torch.cat([r.alpha.to(self.device) for r in requests])
+        # on the host: the runner checks its range there and moves it once (no device sync for the check)
         src_index = torch.repeat_interleave(
             torch.tensor(slots, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
-        ).to(self.device, non_blocking=True)
+        )
         frames = self.runner.render(self._bank.stack, alpha, src_index)
         return list(torch.split(frames, counts))
 

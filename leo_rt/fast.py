@@ -1,4 +1,4 @@
-"""The fast form of the animator: exact inference rewrites of ARCHITECTURE.md §3, built from an :class:`LIA`.
+"""The fast form of the animator: exact inference rewrites of docs/ARCHITECTURE.md §3, built from an :class:`LIA`.
 
 - The source is encoded once into a :class:`SourceState`; per frame only the decoder runs (rewrite 1).
 - Q and the base grids are computed once (rewrite 2).
@@ -209,8 +209,19 @@ class FastRenderer(_Prepared):
         out = out.mul_(demod[:, :, None, None]).add_(self.get(f"act_b{i}"), alpha=SQRT2)
         return F.leaky_relu_(out, 0.2)
 
-    def forward(self, alpha: torch.Tensor, styles0: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        alpha: torch.Tensor,
+        styles0: torch.Tensor,
+        feats: list[torch.Tensor],
+        src_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """alpha (N, motion_dim); styles0 (B, n_styles) and feats [(B, C_r, r, r)] of B sources, B = 1 (shared by
+        every frame) or N (one per frame); or, with src_index (N,) int64, frame n renders source src_index[n] of K
+        (styles0 gathered, the warp reads feats[src_index[n]] without copying). → frames (N, 3, S, S)."""
         n = alpha.shape[0]
+        if src_index is not None:
+            styles0 = styles0.index_select(0, src_index)  # (N, n_styles): O(channels) a frame
         styles = styles0.to(self.style_dtype) + F.linear(alpha.to(self.style_dtype), self.mod_p)
         s = torch.split(styles, self.splits, dim=1)  # per layer (N, Cin)
         h = self._styled_conv(0, self.const.expand(n, -1, -1, -1), s[0])
@@ -224,7 +235,7 @@ class FastRenderer(_Prepared):
             step = torch.bmm(h.permute(0, 2, 3, 1).reshape(nb, r * r, c), w_flow.transpose(1, 2))  # (N, HW, 3)
             step = step.view(nb, r, r, 3).permute(0, 3, 1, 2) + self.get(f"flow_b{i + 2}")
             logits = step if logits is None else step + upsample2(logits, self.up_blur)
-            warped, h = warp_blend(feat, logits, h, self.get(f"grid{r}"))
+            warped, h = warp_blend(feat, logits, h, self.get(f"grid{r}"), src_index)
             out = F.conv2d(warped, self.get(f"rgb_w{k}"))
             out = F.leaky_relu(out + self.get(f"rgb_act_b{k}"), 0.2) * SQRT2 + self.get(f"rgb_b{k}")
             rgb = out if rgb is None else out + upsample2(rgb, self.up_blur)

@@ -1,4 +1,4 @@
-"""LMDM, the latent motion diffusion model (our design, ARCHITECTURE.md §4).
+"""LMDM, the latent motion diffusion model (our design, docs/ARCHITECTURE.md §4).
 
 A 1-D U-Net over time denoises a chunk of motion codes x = (alpha_i − alpha_1) for i = 1 … L, shape (B, L, D),
 conditioned on alpha_1 (the linear motion condition: a linear map of alpha_1 added to the timestep embedding,
@@ -8,23 +8,21 @@ statistics stored in the model (set by the trainer), so the diffusion sees unit-
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import ModelConfig
 from .errors import InputError
-
-FORMAT_NAME = "leo_rt.lmdm"
 
 
 @dataclass(frozen=True)
-class LMDMConfig:
+class LMDMConfig(ModelConfig, kind="LMDM", format_name="leo_rt.lmdm"):
     motion_dim: int = 20
     chunk: int = 64  # L, codes per chunk (a multiple of 2 ** (levels − 1))
     channels: int = 128
@@ -52,45 +50,25 @@ class LMDMConfig:
         if self.channels % self.groups:
             raise InputError(f"channels ({self.channels}) must be divisible by groups ({self.groups})")
 
-    @classmethod
-    def from_name(cls, name: str) -> LMDMConfig:
-        if name not in LMDM_PRESETS:
-            raise InputError(f"unknown LMDM preset {name!r}; choose one of {sorted(LMDM_PRESETS)}")
-        return LMDM_PRESETS[name]
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LMDMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise InputError(f"unknown LMDM config fields {sorted(unknown)}; known fields: {sorted(known)}")
-        d = dict(d)
-        if "channel_mults" in d:
-            d["channel_mults"] = tuple(d["channel_mults"])
-        return cls(**d)
-
-
-LMDM_PRESETS = {
-    "lmdm-default": LMDMConfig(),
-    # The small presets train in minutes on a CPU; they predict v, which stays usable at high noise after
-    # little training (an undertrained ε-model's x̂_0 = (x_t − σ·ε̂)/a blows up as a → 0).
-    "lmdm-small": LMDMConfig(chunk=32, channels=64, groups=16, prediction_type="v_prediction"),
-    "lmdm-tiny": LMDMConfig(
-        chunk=16,
-        channels=32,
-        channel_mults=(1, 2),
-        res_blocks=1,
-        heads=2,
-        groups=8,
-        max_prefix=6,
-        prediction_type="v_prediction",
-    ),
-}
+LMDM_PRESETS = LMDMConfig.register_presets(
+    {
+        "lmdm-default": LMDMConfig(),
+        # The small presets train in minutes on a CPU; they predict v, which stays usable at high noise after
+        # little training (an undertrained ε-model's x̂_0 = (x_t − σ·ε̂)/a blows up as a → 0).
+        "lmdm-small": LMDMConfig(chunk=32, channels=64, groups=16, prediction_type="v_prediction"),
+        "lmdm-tiny": LMDMConfig(
+            chunk=16,
+            channels=32,
+            channel_mults=(1, 2),
+            res_blocks=1,
+            heads=2,
+            groups=8,
+            max_prefix=6,
+            prediction_type="v_prediction",
+        ),
+    }
+)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -236,58 +214,21 @@ class _Upsample(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- files
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+FORMAT_NAME = LMDMConfig.format_name
 
 
 def save_lmdm(model: LMDM, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Directory with model.safetensors + config.json, each written to a temporary file and renamed."""
-    from .files import save_checkpoint_dir
-
-    meta = {"format": FORMAT_NAME, "version": 1, "config": model.cfg.to_dict(), **(extra or {})}
-    return save_checkpoint_dir(path, model.state_dict(), meta, {"format": FORMAT_NAME}, WEIGHTS_FILE, CONFIG_FILE)
+    """Directory with model.safetensors + config.json (`extra` entries added to it), each written to a temporary
+    file and renamed."""
+    return model.cfg.save_checkpoint(path, model.state_dict(), extra)
 
 
 def load_lmdm(path: str | os.PathLike, *, device="cpu", dtype=torch.float32) -> LMDM:
     """Load an LMDM checkpoint directory strictly; a wrong kind of checkpoint or a mismatch is a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .checkpoint import check_state_dict
 
-    from .checkpoint import CheckpointError
-
-    path = Path(path)
-    cfg_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not path.is_dir() or not cfg_path.is_file() or not weights.is_file():
-        raise CheckpointError(
-            f"{path} is not an LMDM checkpoint directory (expected {CONFIG_FILE} and {WEIGHTS_FILE}); train one "
-            "with `leo-rt train-lmdm`"
-        )
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(
-            f"{path} holds a {meta.get('format', 'unknown')!r} checkpoint, not an LMDM ({FORMAT_NAME!r}); pass an "
-            "animator checkpoint with --checkpoint and an LMDM directory with --lmdm"
-        )
-    cfg = LMDMConfig.from_dict(meta["config"])
-    try:
-        sd = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"could not read {weights} ({e}): the file is truncated or corrupt") from None
+    cfg, sd, _ = LMDMConfig.load_checkpoint(path, how="train one with `leo-rt train-lmdm`")
     model = LMDM(cfg)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs expected {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{weights} does not fit its config: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"wrong shapes {shapes[:4]}"
-        )
+    check_state_dict(model.state_dict(), sd, what=f"the LMDM its config describes ({Path(path) / 'config.json'})")
     model.load_state_dict(sd, strict=True)
     return model.to(device=device, dtype=dtype).eval()

@@ -2,18 +2,19 @@
 
 This is the reference form: its forward pass follows the published call pattern (source and driving frame
 encoded on every call, per-sample weights in a grouped conv, the QR factor and sampling grids rebuilt on every
-call). The fast form in :mod:`leo_rt.fast` reads the same parameters. ARCHITECTURE.md §2 is the specification.
+call). The fast form in :mod:`leo_rt.fast` reads the same parameters. docs/ARCHITECTURE.md §2 is the specification.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .config import ModelConfig
 from .errors import InputError
 from .kernels.warp import base_grid
 
@@ -22,7 +23,7 @@ BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 
 
 @dataclass(frozen=True)
-class LIAConfig:
+class LIAConfig(ModelConfig, kind="animator", format_name="leo_rt.animator", metadata_key="leo_rt_config"):
     """Shape of an animator. Channels at resolution r: min(channel_cap, channel_base // r), the decoder's
     multiplied by channel_multiplier (the published encoder ignores the multiplier)."""
 
@@ -52,34 +53,19 @@ class LIAConfig:
     def dec_channels(self, r: int) -> int:
         return min(self.channel_cap, self.channel_base * self.channel_multiplier // r)
 
-    @classmethod
-    def from_name(cls, name: str) -> LIAConfig:
-        if name not in PRESETS:
-            raise InputError(f"unknown animator preset {name!r}; choose one of {sorted(PRESETS)}")
-        return PRESETS[name]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LIAConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise InputError(f"unknown animator config fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**d)
-
-
-PRESETS = {
-    "lia-128": LIAConfig(size=128),
-    "lia-256": LIAConfig(size=256),
-    "lia-512": LIAConfig(size=512),
-    # Reduced width for quick tests and demos of the code path; same structure, fewer channels.
-    **{
-        f"lia-{s}-tiny": LIAConfig(size=s, style_dim=64, channel_cap=32, channel_base=2048)
-        for s in (32, 64, 128, 256, 512)
-    },
-}
+PRESETS = LIAConfig.register_presets(
+    {
+        "lia-128": LIAConfig(size=128),
+        "lia-256": LIAConfig(size=256),
+        "lia-512": LIAConfig(size=512),
+        # Reduced width for quick tests and demos of the code path; same structure, fewer channels.
+        **{
+            f"lia-{s}-tiny": LIAConfig(size=s, style_dim=64, channel_cap=32, channel_base=2048)
+            for s in (32, 64, 128, 256, 512)
+        },
+    }
+)
 
 
 def make_blur_kernel(factor: float = 1.0) -> torch.Tensor:
@@ -391,18 +377,3 @@ class LIA(nn.Module):
         if alpha_start is not None:
             z = z - direction(alpha_start) + direction(self.enc.fc(w_a))
         return self.dec(z, feats)
-
-
-def perturb_parameters_(model: nn.Module, generator: torch.Generator | None = None, std: float = 0.2) -> nn.Module:
-    """Randomise every parameter away from its initial value (biases and modulation offsets included), so a
-    comparison exercises every parameter. Blur kernels (buffers) are left as they are."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator) * std
-            if name.endswith("modulation.bias"):
-                p.copy_(1.0 + noise)  # modulation offsets stay around their trained value of ~1
-            elif name.endswith("bias") or name.endswith("noise.weight"):
-                p.copy_(noise)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator))
-    return model

@@ -1,4 +1,4 @@
-"""Diffusion noise schedules and samplers for LMDM (ARCHITECTURE.md §4).
+"""Diffusion noise schedules and samplers for LMDM (docs/ARCHITECTURE.md §4).
 
 Each sampler is its own object with no model inside: ``set_timesteps(n)``, ``timesteps`` (descending), and
 ``step(model_output, t, x)`` returning the sample at the next (less noisy) timestep. Notation: ᾱ_t is

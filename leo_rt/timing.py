@@ -1,13 +1,56 @@
-"""Per-stage wall-clock timers and process set-up for steady CPU timings."""
+"""Timing: the one loop that times calls (`time_calls`, every device synchronised), per-stage timers for streams
+(`StageTimer`), and process set-up for steady CPU timings (`keep_heap_memory`)."""
 
 from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until all work queued on `device` (every stream of it) has finished; nothing to wait for on CPU."""
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return
+    backend = getattr(torch, device.type, None)  # torch.xpu, torch.mps …
+    sync = getattr(backend, "synchronize", None)
+    if sync is not None:
+        sync()
+    else:
+        torch.accelerator.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], n: int, device: torch.device | str = "cpu", *, warmup: int = 1,
+               inner: int = 1) -> list[float]:  # fmt: skip
+    """Seconds per call of `fn`, `n` samples. `warmup` untimed calls come first (compilation, allocator and
+    oneDNN primitive caches; pass 0 when the caller has warmed up). Each sample times `inner` calls back to back
+    and divides by `inner` (raise it for calls of a few microseconds, where synchronising would dominate). The
+    device is synchronised before and after each sample, so work a call queues asynchronously (on any stream)
+    is counted in the sample that queued it."""
+    if n < 1 or inner < 1 or warmup < 0:
+        raise ValueError(f"time_calls needs n >= 1, inner >= 1 and warmup >= 0, got {n}, {inner}, {warmup}")
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        out.append((time.perf_counter() - t) / inner)
+    return out
+
+
+_RESOLVE_EVERY = 64  # pending CUDA event pairs that trigger a non-blocking resolve
 
 
 @dataclass
@@ -27,16 +70,33 @@ class StageTimer:
             yield
             end.record()
             self.pending.append((name, start, end, frames))
+            if len(self.pending) >= _RESOLVE_EVERY:
+                self._resolve(block=False)  # an endless stream must not keep every event
             return
         t0 = time.perf_counter()
         yield
         self.records.setdefault(name, []).append((time.perf_counter() - t0, frames))
 
-    def _resolve(self) -> None:
+    def _resolve(self, block: bool = True) -> None:
+        """Move finished event pairs (all of them when `block`, waiting for each) into the records, in order."""
+        done = 0
         for name, start, end, frames in self.pending:
-            end.synchronize()
+            if block:
+                end.synchronize()
+            elif not end.query():
+                break
             self.records.setdefault(name, []).append((start.elapsed_time(end) / 1e3, frames))
-        self.pending.clear()
+            done += 1
+        del self.pending[:done]
+
+    def reset(self) -> None:
+        """Forget every timing so far (pending CUDA timings are waited for and dropped)."""
+        self._resolve()
+        self.records.clear()
+
+    def resolve(self) -> None:
+        """Wait for the pending CUDA timings and move them into the records (summary() does this itself)."""
+        self._resolve()
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per stage: calls, frames, total seconds, ms per frame, p50/p95 of the per-call ms per frame and

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from .animator import Animator
-from .errors import InputError
+from .errors import CheckpointError, InputError, OutputError
 from .files import atomic_path
 from .io import iter_video, video_info
 from .lmdm import LMDM, LMDMConfig, load_lmdm, save_lmdm
-from .motion import video_codes
+from .pipelines import video_codes
 from .schedulers import DDPMScheduler
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
@@ -37,45 +37,80 @@ class MotionCodes:
         return np.split(self.codes, np.cumsum(self.lengths)[:-1])
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write an .npz (any name: nothing is appended to it), atomically, and read it back before it is put
+        in place."""
         path = Path(path)
-        with atomic_path(path) as tmp:
-            np.savez(
-                tmp,
-                codes=self.codes.astype(np.float32),
-                lengths=self.lengths.astype(np.int64),
-                fps=self.fps.astype(np.float64),
-                names=np.array(self.names),
-            )
+        arrays = {
+            "codes": self.codes.astype(np.float32),
+            "lengths": self.lengths.astype(np.int64),
+            "fps": self.fps.astype(np.float64),
+            "names": np.array(self.names, dtype=str),
+        }
+
+        def same(tmp: str) -> None:
+            back = MotionCodes.load(tmp)
+            if back.codes.shape != arrays["codes"].shape or not np.array_equal(back.lengths, arrays["lengths"]):
+                raise OutputError(f"{path} did not read back as written; write it again")
+
+        # np.savez given a *name* appends ".npz" when it is missing; given an open file it writes exactly there
+        with atomic_path(path, verify=same, what="codes file") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, motion_dim: int | None = None) -> MotionCodes:
-        """Read and validate a codes file written by `leo-rt extract-motion`."""
+        """Read and validate a codes file written by `leo-rt extract-motion`. Anything else (empty, truncated,
+        another kind of file, arrays of the wrong kind or shape, NaN/inf codes) is an InputError."""
         path = Path(path)
+        fix = "make one with `leo-rt extract-motion`"
+        if path.is_dir():
+            raise InputError(f"codes file {path} is a folder; give the .npz written by `leo-rt extract-motion`")
         if not path.is_file():
-            raise InputError(f"codes file {path} does not exist; make one with `leo-rt extract-motion`")
+            raise InputError(f"codes file {path} does not exist; {fix}")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            raise InputError(f"cannot read codes file {path} ({e.strerror or e})") from None
+        if head != b"PK\x03\x04":
+            what = "an empty file" if not head else "not an .npz archive"
+            raise InputError(f"codes file {path} is {what}; {fix}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 files = set(z.files)
-                arrays = {k: z[k] for k in files & {"codes", "lengths", "fps", "names"}}
-        except (OSError, ValueError) as e:
-            raise InputError(f"could not read codes file {path} ({e}); make one with `leo-rt extract-motion`") from None
+                arrays = {k: z[k] for k in sorted(files & {"codes", "lengths", "fps", "names"})}
+        except Exception as e:  # noqa: BLE001 - zipfile, zlib, format and pickle errors of a damaged archive
+            raise InputError(f"could not read codes file {path} ({type(e).__name__}: {e}); {fix}") from None
         missing = {"codes", "lengths"} - files
         if missing:
             raise InputError(f"{path} lacks {sorted(missing)}: not a codes file from `leo-rt extract-motion`")
         codes, lengths = arrays["codes"], arrays["lengths"]
-        fps = arrays.get("fps", np.full(len(lengths), np.nan))
-        names = [str(n) for n in arrays["names"]] if "names" in arrays else [f"video{i}" for i in range(len(lengths))]
-        if codes.ndim != 2:
-            raise InputError(f"codes in {path} have shape {codes.shape}; expected (frames, motion_dim)")
+        if codes.ndim != 2 or codes.dtype.kind not in "fiu" or codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise InputError(
+                f"codes in {path} are {codes.dtype} {codes.shape}; expected real numbers of shape (frames, motion_dim)"
+            )
         if motion_dim is not None and codes.shape[1] != motion_dim:
             raise InputError(f"codes in {path} have {codes.shape[1]} channels but the model uses {motion_dim}-d codes")
-        if lengths.ndim != 1 or int(lengths.sum()) != codes.shape[0] or (lengths < 0).any():
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or len(lengths) == 0:
+            raise InputError(f"lengths in {path} are {lengths.dtype} {lengths.shape}; expected integers, one a video")
+        if (lengths < 0).any() or int(lengths.astype(np.int64).sum()) != codes.shape[0]:
             raise InputError(
-                f"lengths in {path} (sum {int(lengths.sum())}) do not add up to the {codes.shape[0]} codes"
+                f"lengths in {path} (sum {int(lengths.astype(np.int64).sum())}) do not add up to the "
+                f"{codes.shape[0]} codes"
             )
+        fps = arrays.get("fps", np.full(len(lengths), np.nan))
+        if fps.shape != lengths.shape or fps.dtype.kind not in "fiu":
+            raise InputError(f"fps in {path} is {fps.dtype} {fps.shape}; expected one number per video")
+        names = arrays.get("names")
+        if names is None:
+            names = [f"video{i}" for i in range(len(lengths))]
+        elif names.shape != lengths.shape or names.dtype.kind not in "US":
+            raise InputError(f"names in {path} are {names.dtype} {names.shape}; expected one string per video")
+        else:
+            names = [str(n) for n in names]
         if not np.isfinite(codes).all():
-            raise InputError(f"codes in {path} contain NaN or inf")
+            row = int(np.nonzero(~np.isfinite(codes).all(1))[0][0])
+            raise InputError(f"codes in {path} contain NaN or inf (first at row {row}); extract them again")
         return cls(codes.astype(np.float32), lengths.astype(np.int64), fps.astype(np.float64), names)
 
 
@@ -177,13 +212,19 @@ def train_lmdm(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume and state_path.is_file():
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = _load_state(state_path)
         model = load_lmdm(out_dir)  # architecture and statistics
-        model.load_state_dict(saved["model"])
         ema = load_lmdm(out_dir)
-        ema.load_state_dict(saved["ema"])
-        start = int(saved["step"])
-        gen.set_state(saved["rng"])
+        try:
+            model.load_state_dict(saved["model"])
+            ema.load_state_dict(saved["ema"])
+            start = int(saved["step"])
+            gen.set_state(saved["rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{state_path} does not fit the LMDM in {out_dir} ({type(e).__name__}: {str(e)[:200]}); drop "
+                "--resume to start afresh"
+            ) from None
     else:
         if resume:
             raise InputError(f"--resume was given but {state_path} does not exist; drop --resume to start afresh")
@@ -231,6 +272,19 @@ def train_lmdm(
     return ema.eval()
 
 
+def _load_state(path: Path) -> dict:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling, zip and EOF errors of a damaged file
+        raise CheckpointError(
+            f"could not read {path} ({type(e).__name__}: {str(e).strip()[:200]}); the file is damaged: drop "
+            "--resume to start afresh"
+        ) from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is not a leo_rt training state; drop --resume to start afresh")
+    return saved
+
+
 def _checkpoint(out_dir: Path, model: LMDM, ema: LMDM, opt, step: int, gen: torch.Generator) -> None:
     save_lmdm(ema, out_dir, extra={"step": step})
     state = {
@@ -240,5 +294,5 @@ def _checkpoint(out_dir: Path, model: LMDM, ema: LMDM, opt, step: int, gen: torc
         "optim": opt.state_dict(),
         "rng": gen.get_state(),
     }
-    with atomic_path(out_dir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(out_dir / STATE_FILE, what="training state") as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)

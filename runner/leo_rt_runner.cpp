@@ -3,9 +3,12 @@
 // u32 dtype 0 (float32), u32 ndim, i64 dims[ndim], little-endian float32 data.
 //
 //   leo_rt_runner --source-encoder source_encoder.pt2 --renderer renderer.pt2
-//                 --image image.leot --codes codes.leot --out frames.leot [--batch 8]
+//                 --image image.leot --codes codes.leot --out frames.leot [--batch 8] [--dtype fp32|fp16|bf16]
 //
 // image: (1, 3, S, S) in [-1, 1]; codes: (N, 20) motion codes (absolute mode); frames: (N, 3, S, S).
+// The packages' device (CPU or CUDA) is read from their metadata: inputs are moved there, frames come back to the
+// host. --dtype is the precision the packages were exported in (`leo-rt export --precision`): the image and codes
+// are cast to it (the styles stay float32, as every stage keeps them); frames are written as float32.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
 
@@ -56,11 +59,32 @@ void write_raw(const std::string& path, const at::Tensor& tensor) {
 }
 
 std::map<std::string, std::string> parse(int argc, char** argv) {
-  std::map<std::string, std::string> args{{"--batch", "8"}};
+  std::map<std::string, std::string> args{{"--batch", "8"}, {"--dtype", "fp32"}};
   for (int i = 1; i + 1 < argc; i += 2) args[argv[i]] = argv[i + 1];
   for (const char* need : {"--source-encoder", "--renderer", "--image", "--codes", "--out"})
     if (!args.count(need)) throw std::runtime_error(std::string("missing ") + need);
   return args;
+}
+
+c10::ScalarType parse_dtype(const std::string& name) {
+  if (name == "fp32") return torch::kFloat32;
+  if (name == "fp16") return torch::kFloat16;
+  if (name == "bf16") return torch::kBFloat16;
+  throw std::runtime_error("--dtype must be fp32, fp16 or bf16, got " + name);
+}
+
+// The device a package was compiled for, from the metadata AOTInductor writes into it.
+c10::Device package_device(torch::inductor::AOTIModelPackageLoader& loader, const std::string& path) {
+  auto meta = loader.get_metadata();
+  auto it = meta.find("AOTI_DEVICE_KEY");
+  const std::string device = it == meta.end() ? "cpu" : it->second;
+  if (device == "cpu") return c10::Device(c10::kCPU);
+  if (device == "cuda") {
+    if (!torch::cuda::is_available())
+      throw std::runtime_error(path + " is a CUDA package but no CUDA device is visible");
+    return c10::Device(c10::kCUDA, 0);
+  }
+  throw std::runtime_error(path + " was compiled for device '" + device + "', which this runner does not handle");
 }
 
 }  // namespace
@@ -69,18 +93,22 @@ int main(int argc, char** argv) {
   try {
     auto args = parse(argc, argv);
     torch::NoGradGuard no_grad;
+    const c10::ScalarType dtype = parse_dtype(args["--dtype"]);
     torch::inductor::AOTIModelPackageLoader source_encoder(args["--source-encoder"]);
     torch::inductor::AOTIModelPackageLoader renderer(args["--renderer"]);
-    at::Tensor image = read_raw(args["--image"]);
-    at::Tensor codes = read_raw(args["--codes"]);
-    // source state once: w_a, alpha_src, styles0, feat_8 … feat_S
+    const c10::Device device = package_device(source_encoder, args["--source-encoder"]);
+    if (package_device(renderer, args["--renderer"]) != device)
+      throw std::runtime_error("the source encoder and the renderer were compiled for different devices");
+    at::Tensor image = read_raw(args["--image"]).to(device, dtype).contiguous();
+    at::Tensor codes = read_raw(args["--codes"]).to(device, dtype);
+    // source state once: w_a, alpha_src, styles0, feat_8 … feat_S (on the packages' device)
     std::vector<at::Tensor> state = source_encoder.run({image});
     const int64_t batch = std::max<int64_t>(1, std::stoll(args["--batch"]));
     std::vector<at::Tensor> frames;
     for (int64_t i = 0; i < codes.size(0); i += batch) {
       std::vector<at::Tensor> inputs{codes.slice(0, i, std::min(i + batch, codes.size(0))).contiguous()};
       inputs.insert(inputs.end(), state.begin() + 2, state.end());  // styles0 and the features, batch 1
-      frames.push_back(renderer.run(inputs)[0]);
+      frames.push_back(renderer.run(inputs)[0].to(torch::kCPU));
     }
     write_raw(args["--out"], torch::cat(frames));
     std::cout << "leo_rt_runner: " << codes.size(0) << " frames -> " << args["--out"] << std::endl;

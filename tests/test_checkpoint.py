@@ -1,6 +1,7 @@
 """Checkpoint loading: the official format, leo_rt's format, bare state dicts, and every kind of bad file."""
 
 import argparse
+import os
 import pickle
 
 import pytest
@@ -90,7 +91,7 @@ def test_wrong_size_lists_keys_and_names_the_size_that_fits(tmp_path, tiny):
     with pytest.raises(CheckpointError) as e:
         load_animator(path, size=128)
     msg = str(e.value)
-    assert "missing keys (28)" in msg and "dec.to_flows.4.conv.weight" in msg
+    assert "missing keys (28)" in msg and "dec.to_flows.4.* (5 keys: " in msg and "conv.weight" in msg
     assert "the keys fit size 64" in msg
 
 
@@ -104,7 +105,9 @@ def test_wrong_shapes_and_unexpected_keys_are_listed(tiny):
     msg = str(e.value)
     assert "missing keys (1): enc.fc.4.bias" in msg
     assert "unexpected keys (1): extra.thing" in msg
-    assert "enc.fc.4.weight (20, 64) vs expected (19, 64)" in msg  # motion dim read off dec.direction
+    # the odd tensor is named, not its neighbours: the motion dim is what most keys (and the default) agree on
+    assert "wrong shapes (1): dec.direction.weight (64, 19) vs expected (64, 20)" in msg
+    assert "enc.fc.4.weight" not in msg
 
 
 def test_unrelated_pickles_and_files(tmp_path):
@@ -161,3 +164,97 @@ def test_bf16_load_and_info(tmp_path, tiny, capsys):
     assert main(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "64×64" in text and f"{n:,}" in text and "official" in text
+
+
+def test_misleading_messages_fixed(tmp_path, tiny):
+    """A wrongly shaped dec.direction.weight is blamed on itself, a missing decoder block is reported as missing
+    (not as another size), and a malicious pickle's refusal says why."""
+    sd = dict(tiny.state_dict())
+    sd["dec.direction.weight"] = torch.zeros(64, 10)
+    with pytest.raises(CheckpointError) as e:
+        load_animator(sd)
+    assert "wrong shapes (1): dec.direction.weight (64, 10) vs expected (64, 20)" in str(e.value)
+    assert "enc.fc" not in str(e.value)
+    sd = {k: v for k, v in tiny.state_dict().items() if not k.startswith("dec.to_flows.2.")}
+    assert size_from_keys(sd) == 64  # the highest block says the size, not the number of blocks
+    with pytest.raises(CheckpointError) as e:
+        load_animator(sd)
+    msg = str(e.value)
+    assert "size 64:" in msg and "missing keys (5): dec.to_flows.2.* (5 keys: " in msg and "size 32" not in msg
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for legacy in (False, True):
+        p = tmp_path / f"evil{legacy}.pt"
+        torch.save({"gen": tiny.state_dict(), "x": Evil()}, p, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(
+            CheckpointError,
+            match=r"Python objects other than tensors \(e\.g\. posix\.system\).*"
+            r"could run code.*refuses it for safety",
+        ):
+            load_animator(p)
+    assert not marker.exists()
+
+
+def test_one_mismatch_report_for_every_loader():
+    """state_dict_mismatch: wrong shapes, then missing and unexpected keys grouped by block, then the hints."""
+    from leo_rt.checkpoint import check_state_dict, state_dict_mismatch
+
+    expected = {f"net.{i}.{p}": torch.zeros(2, 2) for i in range(3) for p in ("weight", "bias", "scale")}
+    got = {k: v for k, v in expected.items() if not k.startswith("net.1.")}
+    got["net.0.weight"] = torch.zeros(3, 2)
+    got["head.weight"] = torch.zeros(1)
+    report = state_dict_mismatch(expected, got, what="a test net", hints=["try another file"])
+    lines = report.splitlines()
+    assert lines[0] == "the state dict does not fit a test net:"
+    assert lines[1] == "  wrong shapes (1): net.0.weight (3, 2) vs expected (2, 2)"
+    assert lines[2] == "  missing keys (3): net.1.* (3 keys: weight, bias, scale)"
+    assert lines[3] == "  unexpected keys (1): head.weight"
+    assert lines[4] == "  try another file"
+    assert state_dict_mismatch(expected, expected, what="x") is None
+    with pytest.raises(CheckpointError, match="does not fit a test net"):
+        check_state_dict(expected, got, what="a test net")
+
+
+def test_engines_folder_without_manifest_is_named_as_such(tmp_path):
+    from leo_rt.errors import ManifestError
+
+    (tmp_path / "renderer.onnx").write_bytes(b"x")
+    with pytest.raises(ManifestError, match=r"holds exported engines \(renderer\.onnx\) but no manifest\.json"):
+        load_animator(tmp_path)
+
+
+def test_non_finite_weights_are_refused(tiny):
+    sd = dict(tiny.state_dict())
+    sd["enc.fc.0.bias"] = sd["enc.fc.0.bias"].clone()
+    sd["enc.fc.0.bias"][3] = float("nan")
+    with pytest.raises(CheckpointError, match=r"enc\.fc\.0\.bias holds NaN or inf"):
+        load_animator(sd)
+
+
+def test_checkpoint_hash_is_cached_by_file_identity(tmp_path, tiny, monkeypatch):
+    """checkpoint_hash reads a file once per (path, size, mtime, ctime, inode): a second call, in this process or
+    another (the hash cache in $LEO_RT_CACHE), does not read it; a file replaced in place is hashed again."""
+    import leo_rt.checkpoint as ckmod
+    from leo_rt.export import checkpoint_hash
+    from leo_rt.export import manifest as man
+
+    monkeypatch.setenv("LEO_RT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(man, "_HASHES", {})
+    path = _official(tmp_path / "a.pt", tiny)
+    reads = []
+    real = ckmod.read_checkpoint
+    monkeypatch.setattr(ckmod, "read_checkpoint", lambda s: (isinstance(s, os.PathLike) and reads.append(s)) or real(s))
+    first = checkpoint_hash(path)
+    assert checkpoint_hash(path) == first and len(reads) == 1
+    monkeypatch.setattr(man, "_HASHES", {})  # a new process: the disk cache answers
+    assert checkpoint_hash(path) == first and len(reads) == 1
+    assert checkpoint_hash(tiny.state_dict()) == first  # the same tensors, however given
+    other = make_lia("lia-64-tiny", seed=12)
+    _official(path, other)  # replaced in place
+    assert checkpoint_hash(path) != first and len(reads) == 2
+    half = {k: v.half() for k, v in tiny.state_dict().items()}
+    assert checkpoint_hash({k: v.float() for k, v in half.items()}) == checkpoint_hash(half)  # dtype-independent

@@ -1,5 +1,6 @@
 """Exported stages: ONNX (ONNX Runtime) and AOTInductor parity, dynamic batch, manifest, caching, TensorRT."""
 
+import dataclasses
 import importlib.util
 
 import onnx
@@ -260,3 +261,76 @@ def test_onnx_warp_node_option(exported, tmp_path):
     kinds = {(n.domain, n.op_type) for n in nodes}
     assert ("leo_rt", "WarpBlend") in kinds and ("", "GridSample") not in kinds
     assert read_manifest(tmp_path / "node")["artifacts"]["renderer/onnx"]["warp"] == "onnx-node"
+    from leo_rt.export.tensorrt import custom_nodes, refuse_custom_nodes
+
+    assert custom_nodes(tmp_path / "node" / "renderer.onnx") == ["leo_rt::WarpBlend"]
+    with pytest.raises(ValueError, match="WarpBlend.*--onnx-warp-node"):
+        refuse_custom_nodes(tmp_path / "node" / "renderer.onnx")
+    refuse_custom_nodes(tmp_path / "node" / "motion_encoder.onnx")  # standard ops only: accepted
+
+
+class _WarpProbe(torch.nn.Module):
+    """The renderer's warp call alone, recording whether the kernels were enabled while it was traced."""
+
+    seen: list[bool] = []  # a class attribute: export may trace a copy of the module
+
+    def forward(self, logits, h, feat):
+        from leo_rt.kernels import kernels_enabled, warp_blend
+
+        _WarpProbe.seen.append(kernels_enabled())
+        return warp_blend(feat, logits, h)
+
+
+def _probe_spec():
+    from leo_rt.export import StageSpec
+
+    def sample(b):
+        g = torch.Generator().manual_seed(b)
+        return (torch.randn(b, 3, 6, 6, generator=g), torch.randn(b, 4, 6, 6, generator=g), torch.randn(1, 4, 6, 6))
+
+    return StageSpec("probe", ("logits", "h", "feat"), ("warped", "out"), ("logits", "h"), sample, 1, 2, 4)
+
+
+def test_onnx_export_always_traces_the_decomposed_warp(tmp_path):
+    """On CUDA with the kernels on, warp_blend dispatches to the leo_rt::warp_blend op, which torch.export captures
+    before the ONNX conversion starts and which ONNX cannot express. The exporter traces with the kernels off (on
+    every device), and restores the switch afterwards, also when the export fails."""
+    from leo_rt.export.exporter import export_onnx
+    from leo_rt.kernels import kernels_enabled
+
+    assert kernels_enabled()
+    probe, spec = _WarpProbe(), _probe_spec()
+    _WarpProbe.seen.clear()
+    export_onnx(probe, spec, tmp_path / "probe.onnx")
+    assert _WarpProbe.seen and not any(_WarpProbe.seen)  # every trace saw the kernels off
+    assert kernels_enabled()
+    nodes = onnx.load(str(tmp_path / "probe.onnx")).graph.node
+    assert "GridSample" in {n.op_type for n in nodes} and not any(n.domain == "leo_rt" for n in nodes)
+    broken = dataclasses.replace(spec, sample=lambda b: (torch.randn(b, 3, 6, 6),))  # one input for three
+    with pytest.raises(Exception):  # noqa: B017 - any tracing error: what matters is the switch afterwards
+        export_onnx(probe, broken, tmp_path / "broken.onnx")
+    assert kernels_enabled()
+
+
+def test_tensorrt_refuses_the_onnx_warp_node_before_needing_tensorrt(tmp_path, capsys):
+    torch.save({"gen": make_lia("lia-32-tiny", seed=4).state_dict()}, tmp_path / "anim.pt")
+    with pytest.raises(ValueError, match="onnx-warp-node.*TensorRT|TensorRT.*onnx-warp-node"):
+        export_checkpoint(tmp_path / "anim.pt", tmp_path / "out", formats=("onnx", "trt"), onnx_warp_node=True)
+    assert not (tmp_path / "out" / "renderer.onnx").exists()  # refused before anything was exported
+    args = ["export", "--checkpoint", str(tmp_path / "anim.pt"), "--out", str(tmp_path / "cli")]
+    assert main([*args, "--format", "onnx,trt", "--onnx-warp-node"]) == 2
+    assert "--onnx-warp-node" in capsys.readouterr().err
+
+
+def test_tensorrt_batch_split_and_alignment_helpers():
+    from leo_rt.export.tensorrt import ALIGNMENT, batch_chunks, is_aligned
+
+    assert batch_chunks(70, 32) == [(0, 32), (32, 64), (64, 70)]
+    assert batch_chunks(32, 32) == [(0, 32)] and batch_chunks(1, 32) == [(0, 1)]
+    with pytest.raises(ValueError):
+        batch_chunks(4, 0)
+    buf = torch.empty(1024)  # CUDA allocations start 512-byte aligned; on the CPU, find an aligned start
+    k = next(i for i in range(64) if buf[i:].data_ptr() % ALIGNMENT == 0)
+    codes = buf[k : k + 160].view(8, 20)
+    assert is_aligned(codes)
+    assert not is_aligned(codes[1:])  # a row slice starts 80 bytes further: TensorRT needs a staging copy

@@ -181,3 +181,197 @@ def test_real_driving_video(shared_data):
     assert frames.std() > 10  # real picture content
     src = load_image(shared_data / "vox" / "mona_lisa.png", 256)
     assert src.shape == (1, 3, 256, 256) and -1 <= src.min() < src.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------ atomic writers
+
+
+def test_a_writer_that_appends_a_suffix_is_caught_and_nothing_replaced(tmp_path):
+    """np.savez given a name without .npz writes name + ".npz": the empty temporary file must never be renamed
+    into place (that lost a user's codes once). The stray file is removed and the old target kept."""
+    from leo_rt.files import atomic_path
+
+    target = tmp_path / "codes"
+    target.write_bytes(b"old codes")
+    with pytest.raises(RuntimeError, match=r"appended a suffix.*nothing was replaced"):
+        with atomic_path(target) as tmp:
+            np.savez(tmp, codes=np.zeros(3))
+    assert target.read_bytes() == b"old codes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes"]
+
+
+def test_atomic_path_verifies_before_replacing(tmp_path):
+    from leo_rt.errors import OutputError
+    from leo_rt.files import atomic_path
+
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+
+    def refuse(tmp):
+        raise OutputError(f"{tmp} did not read back")
+
+    with pytest.raises(OutputError, match="did not read back"):
+        with atomic_path(target, verify=refuse) as tmp, open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    with atomic_path(target, verify=lambda tmp: None) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
+
+
+def test_outputs_through_symlinks_devices_fifos_and_folders(tmp_path):
+    import os
+
+    from leo_rt.errors import OutputError
+    from leo_rt.files import write_text
+
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to("real.json")
+    write_text(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
+    (tmp_path / "dangling.json").symlink_to("made.json")
+    write_text(tmp_path / "dangling.json", "made")  # a dangling link: its target is created
+    assert (tmp_path / "dangling.json").is_symlink() and (tmp_path / "made.json").read_text() == "made"
+    write_text("/dev/null", "streamed to a device, not replaced")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        write_text(fifo, "through the pipe")
+        assert os.read(reader, 100) == b"through the pipe"
+    finally:
+        os.close(reader)
+    assert fifo.is_fifo()
+    with pytest.raises(OutputError, match="is a FIFO"):
+        with VideoWriter(fifo, fps=5):
+            pass
+    with pytest.raises(OutputError, match=r"is a folder; the video needs a file name"):
+        VideoWriter(tmp_path, fps=5)
+
+
+def test_read_only_file_is_refused_even_for_root(tmp_path):
+    from leo_rt.errors import OutputError
+    from leo_rt.files import write_text
+
+    p = tmp_path / "ro.json"
+    p.write_text("keep me")
+    p.chmod(0o444)
+    with pytest.raises(OutputError, match=r"read-only, so it is left as it is.*chmod u\+w"):
+        write_text(p, "replaced?")
+    assert p.read_text() == "keep me"
+
+
+def test_write_failures_become_output_errors(tmp_path):
+    """ENOSPC and EACCES raised while writing (a patched writer: the fault suite does it with a real full disk
+    and a real read-only folder) become OutputError with the reason; the temporary file is removed."""
+    import errno
+
+    from leo_rt.errors import OutputError
+    from leo_rt.files import atomic_path
+
+    for code, match in ((errno.ENOSPC, r"no space left to write .*full"), (errno.EACCES, "permission denied")):
+        with pytest.raises(OutputError, match=match) as e:
+            with atomic_path(tmp_path / "x.bin") as tmp, open(tmp, "wb") as f:
+                f.write(b"partial")
+                raise OSError(code, os_strerror(code))
+        assert isinstance(e.value.__cause__, OSError)
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):  # an interrupt stays an interrupt, and still cleans up
+        with atomic_path(tmp_path / "x.bin") as tmp:
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def os_strerror(code):
+    import os
+
+    return os.strerror(code)
+
+
+def test_codes_file_without_npz_suffix_round_trips(tmp_path):
+    from leo_rt.train import MotionCodes
+
+    data = MotionCodes(np.arange(40, dtype=np.float32).reshape(2, 20), np.array([2]), np.array([25.0]), ["v"])
+    data.save(tmp_path / "codes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes"]
+    back = MotionCodes.load(tmp_path / "codes")
+    assert np.array_equal(back.codes, data.codes) and back.names == ["v"]
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_folder_given_as_image_or_video(tmp_path):
+    with pytest.raises(MediaError, match="is a folder, not an image"):
+        load_image(tmp_path, 32)
+    with pytest.raises(MediaError, match="is a folder, not a video"):
+        video_info(tmp_path)
+
+
+def test_decompression_bomb_is_a_media_error_with_the_limit(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    p = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
+    with pytest.raises(MediaError, match=rf"400 megapixels, above the limit of {limit:.0f} megapixels.*shrink it"):
+        read_image(p)
+
+
+def test_small_sources_warn_and_non_finite_tensors_are_refused(tmp_path):
+    import warnings
+
+    from leo_rt.errors import InputError
+    from leo_rt.io import SmallImageWarning, prepare_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallImageWarning)  # 64 pixels is enough: no warning
+        assert prepare_image(np.zeros((64, 80, 3), np.uint8), 128).shape == (1, 3, 128, 128)
+
+    with pytest.warns(SmallImageWarning, match=r"2×3 pixels, below the 64-pixel minimum"):
+        x = prepare_image(np.zeros((3, 2, 3), np.uint8), 128)
+    assert x.shape == (1, 3, 128, 128)
+    with pytest.warns(SmallImageWarning):
+        load_image(_save(tmp_path, "tiny.png", Image.new("RGB", (10, 10))), 128)
+    bad = torch.zeros(2, 3, 8, 8)
+    bad[1, 0, 3, 3] = float("nan")
+    with pytest.raises(InputError, match=r"source image 0 holds 1 NaN/inf"):
+        prepare_image(bad[1:], 8)
+    from leo_rt.io import check_finite
+
+    with pytest.raises(InputError, match=r"driving image 1 holds 1 NaN/inf"):  # the first bad one is named
+        check_finite(bad, "driving image")
+    assert check_finite(bad[:1]) is not None
+    with pytest.raises(InputError, match="must be float"):
+        prepare_image(torch.zeros(1, 3, 9, 9), 8)
+
+
+def _damaged_video(tmp_path, n=60):
+    frames = _smooth_frames(n, 32, 32)
+    with VideoWriter(tmp_path / "ok.mp4", fps=10) as w:
+        w.write(frames)
+    data = bytearray((tmp_path / "ok.mp4").read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    (tmp_path / "bad.mp4").write_bytes(bytes(data))
+    return tmp_path / "bad.mp4"
+
+
+def test_video_damaged_mid_file_keeps_the_good_frames_or_fails_when_strict(tmp_path):
+    from leo_rt.io import DamagedVideoWarning
+
+    bad = _damaged_video(tmp_path)
+    told = []
+    with pytest.warns(DamagedVideoWarning, match=r"bad\.mp4 is damaged.*kept (\d+) frames"):
+        frames = list(iter_video(bad, on_damage=lambda n, why: told.append((n, why))))
+    assert 0 < len(frames) < 60 and told and told[0][0] == len(frames) and "decoding failed" in told[0][1]
+    good = list(iter_video(tmp_path / "ok.mp4"))
+    assert np.abs(frames[0].astype(int) - good[0].astype(int)).mean() < 1  # the kept frames are the real ones
+    with pytest.raises(MediaError, match=rf"bad\.mp4 is damaged: decoding failed after frame {len(frames)}"):
+        list(iter_video(bad, strict=True))

@@ -1,31 +1,23 @@
-"""LMDM: learning on synthetic motion, chunked streaming, files, bad inputs."""
+"""LMDM: learning on synthetic motion, chunked streaming, files, bad inputs.
+
+The trained model comes from the session fixture `trained_lmdm` (conftest): a small LMDM trained once per test
+session on motion with a known structure (circular motion per channel pair), then checked against that structure.
+"""
 
 import resource  # noqa: F401  (Linux only, as the CI machine)
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import LMDM_TRAIN_STEPS, rotation_codes
 from leo_rt.checkpoint import CheckpointError
 from leo_rt.lmdm import LMDM, LMDMConfig, load_lmdm, save_lmdm
 from leo_rt.motion import MotionSampler
 from leo_rt.train import MotionCodes, TrainConfig, train_lmdm
 
-
-def synthetic_codes(n_videos=40, length=80, d=20, seed=0) -> MotionCodes:
-    """Known structure: every channel a sinusoid of random frequency, phase, amplitude and offset."""
-    rng = np.random.default_rng(seed)
-    vids = []
-    for _ in range(n_videos):
-        f, ph = rng.uniform(0.05, 0.3, d), rng.uniform(0, 2 * np.pi, d)
-        amp, off = rng.uniform(0.5, 2.0, d), rng.normal(0, 1, d)
-        vids.append(off + amp * np.sin(f * np.arange(length)[:, None] + ph))
-    return MotionCodes(
-        np.concatenate(vids).astype(np.float32),
-        np.full(n_videos, length),
-        np.full(n_videos, 10.0),
-        [f"v{i}" for i in range(n_videos)],
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.one_thread)
 
 
 def motion_stats(x: torch.Tensor) -> tuple[float, float]:
@@ -36,23 +28,8 @@ def motion_stats(x: torch.Tensor) -> tuple[float, float]:
     return step, ac
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data = synthetic_codes()
-    out = tmp_path_factory.mktemp("lmdm")
-    losses = []
-    model = train_lmdm(
-        data,
-        out,
-        preset="lmdm-tiny",
-        cfg=TrainConfig(steps=600, batch=64, lr=2e-3, save_every=300),
-        on_step=lambda s, loss: losses.append(loss),
-    )
-    return data, model, out, losses
-
-
-def test_training_learns_the_motion_structure(trained):
-    data, model, out, losses = trained
+def test_training_learns_the_motion_structure(trained_lmdm):
+    data, model, out, losses = trained_lmdm
     assert np.mean(losses[-50:]) < 0.6 * np.mean(losses[:50])
     chunk = model.cfg.chunk
     windows = torch.from_numpy(np.stack([v[s : s + chunk] for v in data.videos() for s in range(0, 64, 16)]))
@@ -72,32 +49,35 @@ def test_training_learns_the_motion_structure(trained):
     assert abs(t_ac - data_ac) < 0.5 * abs(u_ac - data_ac), results
 
 
-def test_checkpoints_resume_and_reload(trained, tmp_path):
-    data, model, out, _ = trained
+def test_checkpoints_resume_and_reload(trained_lmdm, tmp_path):
+    data, model, trained_dir, _ = trained_lmdm
+    out = tmp_path / "lmdm"
+    shutil.copytree(trained_dir, out)  # the session's trained model stays as it is for the other tests
     again = load_lmdm(out)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
     assert (out / "train_state.pt").is_file()
-    # resume continues from the saved step: 600 → 620
+    # resume continues from the saved step: N → N + 20
     steps = []
     resumed = train_lmdm(
         data,
         out,
-        cfg=TrainConfig(steps=620, batch=8, save_every=1000),
+        cfg=TrainConfig(steps=LMDM_TRAIN_STEPS + 20, batch=8, save_every=1000),
         resume=True,
         on_step=lambda s, loss: steps.append(s),
     )
-    assert steps[0] == 601 and steps[-1] == 620
+    assert steps[0] == LMDM_TRAIN_STEPS + 1 and steps[-1] == LMDM_TRAIN_STEPS + 20
     assert not torch.equal(resumed.out.weight, model.out.weight)
 
 
 @pytest.mark.parametrize("overlap", [0, 3])
-def test_chunks_join_smoothly(trained, overlap):
-    _, model, _, _ = trained
+def test_chunks_join_smoothly(trained_lmdm, overlap):
+    _, model, _, _ = trained_lmdm
     sampler = MotionSampler(model, "ddim", 20)
-    start = torch.from_numpy(synthetic_codes(1, 20, seed=5).codes[:1])
+    d = model.cfg.motion_dim
+    start = torch.from_numpy(rotation_codes(1, 20, d=d, seed=5).codes[:1])
     parts = list(sampler.stream(start, n_codes=90, overlap=overlap, seed=0))
     codes = torch.cat(parts, dim=1)[0]  # (90, D)
-    assert codes.shape == (90, 20) and torch.equal(codes[0], start[0])
+    assert codes.shape == (90, d) and torch.equal(codes[0], start[0])
     steps = (codes[1:] - codes[:-1]).abs().mean(1)  # step i goes from code i to code i+1
     new_per_chunk = model.cfg.chunk - 1 - overlap
     joins = torch.arange(model.cfg.chunk - 1, 89, new_per_chunk)  # last code of a chunk → first new code
@@ -157,7 +137,7 @@ def test_files_and_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="19 channels"):
         MotionCodes.load(tmp_path / "c.npz", motion_dim=20)
     np.savez(tmp_path / "d.npz", codes=np.zeros((4, 5, 20)), lengths=np.array([4]))
-    with pytest.raises(ValueError, match=r"expected \(frames, motion_dim\)"):
+    with pytest.raises(ValueError, match=r"shape \(frames, motion_dim\)"):
         MotionCodes.load(tmp_path / "d.npz")
     np.savez(tmp_path / "e.npz", codes=np.zeros((4, 20)), lengths=np.array([5]))
     with pytest.raises(ValueError, match="do not add up"):

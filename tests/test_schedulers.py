@@ -13,6 +13,8 @@ from leo_rt.schedulers import (
     make_scheduler,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # 10000 × 4 samples: small ops (see conftest.one_thread)
+
 MU = torch.tensor([1.5, -0.5, 0.0, 3.0])
 STD = torch.tensor([0.5, 1.0, 2.0, 0.7])
 

@@ -1,12 +1,14 @@
 """Triton grid_sample (2-D; bilinear or nearest; zeros or border padding; either align_corners), with the same
 semantics as torch.nn.functional.grid_sample, and the sampling helpers the fused warp kernel shares.
 
-Importing this module imports triton: the dispatchers in leo_rt.kernels.warp import it only when a kernel runs.
-Coordinates and interpolation weights are fp32 whatever the storage dtype; indexing is 32-bit (the launcher
-checks that every offset fits).
+The library renders through the fused warp (leo_rt.kernels.warp_triton); this standalone kernel is kept for the
+kernel tests and benchmarks. Importing this module imports triton. Coordinates and interpolation weights are fp32
+whatever the storage dtype; indexing is 32-bit (the launcher checks that every offset fits).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -18,6 +20,8 @@ MODES = {"bilinear": 0, "nearest": 1}
 PADDINGS = {"zeros": 0, "border": 1}
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_MAX = 2**31 - 1
+GRID_AXIS_MAX = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 − 1)
+SAMPLE_CONFIG = (64, 16, 4)  # BLOCK_P, BLOCK_C, num_warps: 8 elements a thread, no spills on sm_90
 
 
 @triton.jit
@@ -102,12 +106,16 @@ def _grid_sample_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # grid axis 0: (frame, pixel block), frame-major, so the batch is not bound by axis 1's 65535; axis 1: channels
+    n_pb = tl.cdiv(P_out, BLOCK_P)
+    pid = tl.program_id(0)
+    n = pid // n_pb
+    p = (pid - n * n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pmask = p < P_out
+    cmask = c < C
     oy = p // W_out
-    ox = p % W_out
+    ox = p - oy * W_out
     g = n * sg_n + oy * sg_h + ox * sg_w
     gx = tl.load(grid_ptr + g, mask=pmask, other=0.0).to(tl.float32)
     gy = tl.load(grid_ptr + g + sg_k, mask=pmask, other=0.0).to(tl.float32)
@@ -117,22 +125,18 @@ def _grid_sample_kernel(
         ix = tl.minimum(tl.maximum(ix, 0.0), W_in - 1.0)
         iy = tl.minimum(tl.maximum(iy, 0.0), H_in - 1.0)
     base = n * si_n
-    obase = n * so_n + oy * so_h + ox * so_w
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        off_c = c * si_c
-        if MODE == 0:
-            acc = _bilinear_zeros(inp_ptr, base, ix, iy, pmask, cmask, off_c, H_in, W_in, si_h, si_w)
-        else:
-            xr = _rint(ix)
-            yr = _rint(iy)
-            valid = pmask & (xr >= 0.0) & (xr <= W_in - 1.0) & (yr >= 0.0) & (yr <= H_in - 1.0)
-            xi = tl.minimum(tl.maximum(xr, -1.0), W_in + 0.0).to(tl.int32)
-            yi = tl.minimum(tl.maximum(yr, -1.0), H_in + 0.0).to(tl.int32)
-            acc = _tap(inp_ptr, base, xi, yi, tl.full([BLOCK_P], 1.0, tl.float32), valid, cmask, off_c, si_h, si_w)
-        offs = obase[:, None] + (c * so_c)[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+    off_c = c * si_c
+    if MODE == 0:
+        acc = _bilinear_zeros(inp_ptr, base, ix, iy, pmask, cmask, off_c, H_in, W_in, si_h, si_w)
+    else:
+        xr = _rint(ix)
+        yr = _rint(iy)
+        valid = pmask & (xr >= 0.0) & (xr <= W_in - 1.0) & (yr >= 0.0) & (yr <= H_in - 1.0)
+        xi = tl.minimum(tl.maximum(xr, -1.0), W_in + 0.0).to(tl.int32)
+        yi = tl.minimum(tl.maximum(yr, -1.0), H_in + 0.0).to(tl.int32)
+        acc = _tap(inp_ptr, base, xi, yi, tl.full([BLOCK_P], 1.0, tl.float32), valid, cmask, off_c, si_h, si_w)
+    offs = (n * so_n + oy * so_h + ox * so_w)[:, None] + (c * so_c)[None, :]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
 def check_int32(*tensors: torch.Tensor) -> None:
@@ -146,8 +150,18 @@ def check_int32(*tensors: torch.Tensor) -> None:
             )
 
 
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+def check_grid(n: int, p: int, c: int, block_p: int, block_c: int) -> tuple[int, int]:
+    """The launch grid (frames × pixel blocks, channel blocks), within CUDA's axis limits."""
+    axis0, axis1 = n * triton.cdiv(p, block_p), triton.cdiv(c, block_c)
+    if axis0 > INT32_MAX or axis1 > GRID_AXIS_MAX:
+        raise InputError(f"{n} frames of {c} channels × {p} pixels exceed one launch; split the batch")
+    return axis0, axis1
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on the tensor's own GPU (Triton launches on the current device). A no-op for CPU tensors and while
+    tracing (fake or functional tensors: the compiled code guards its device itself)."""
+    return torch.cuda.device(t.device) if t.is_cuda and type(t) is torch.Tensor else contextlib.nullcontext()
 
 
 def grid_sample_triton(
@@ -184,24 +198,26 @@ def grid_sample_triton(
     if out.numel() == 0:
         return out
     check_int32(inp, grid, out)
-    block_p, block_c = 64, _pow2(c, 1, 32)
-    launch = (triton.cdiv(h_out * w_out, block_p), n)
-    _grid_sample_kernel[launch](
-        inp,
-        grid,
-        out,
-        c,
-        h_in,
-        w_in,
-        w_out,
-        h_out * w_out,
-        *inp.stride(),
-        *grid.stride(),
-        *out.stride(),
-        MODE=MODES[mode],
-        PADDING=PADDINGS[padding_mode],
-        ALIGN_CORNERS=bool(align_corners),
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-    )
+    block_p, block_c, num_warps = SAMPLE_CONFIG
+    launch = check_grid(n, h_out * w_out, c, block_p, block_c)
+    with device_guard(inp):
+        _grid_sample_kernel[launch](
+            inp,
+            grid,
+            out,
+            c,
+            h_in,
+            w_in,
+            w_out,
+            h_out * w_out,
+            *inp.stride(),
+            *grid.stride(),
+            *out.stride(),
+            MODE=MODES[mode],
+            PADDING=PADDINGS[padding_mode],
+            ALIGN_CORNERS=bool(align_corners),
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
     return out

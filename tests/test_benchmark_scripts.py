@@ -1,11 +1,16 @@
-"""The benchmark scripts run (tiny settings: a smoke run so they cannot rot, not a measurement)."""
+"""The benchmark scripts in benchmarks/ run (tiny settings: a smoke run so they cannot rot, not a measurement)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# smoke runs of tiny models: one thread each (see conftest.one_thread); the timings they print mean nothing here
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_bench_animator_smoke(tmp_path):
@@ -29,6 +34,7 @@ def test_bench_animator_smoke(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -57,7 +63,11 @@ def test_bench_lmdm_smoke(tmp_path):
         str(out),
     ]
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/bench_lmdm.py"), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "benchmarks/bench_lmdm.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
@@ -81,8 +91,29 @@ def test_bench_runtime_smoke():
         "40",
     ]
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/bench_runtime.py"), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "benchmarks/bench_runtime.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr
     assert "overlapped" in r.stdout and "sequential" in r.stdout
     assert any(line.strip().startswith("torch |") for line in r.stdout.splitlines())
+
+
+def test_bench_warp_check_in_the_interpreter():
+    """bench_warp's correctness check (float64 reference, fp32 bound from the PyTorch reference's own error) on a
+    real decoder map size, run on CPU tensors in Triton's interpreter."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install 'triton==3.7.1')")
+    args = ["--check-only", "--device", "cpu", "--cases", "8x64x64", "--dtypes", "fp32"]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_warp.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "TRITON_INTERPRET": "1"},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("check ")]
+    assert len(lines) == 4 + 8 and all(": PASS" in line for line in lines), r.stdout  # 2 layouts × 2 outputs, 8 grids

@@ -1,0 +1,635 @@
+"""The ingress side of leo_rt on Ray Serve (leo_rt.serve.cluster): the `leo-rt serve` API, frames from replicas.
+
+Each session of an ingress replica is the single-process server's `LiveSession` (pacing, pause/resume/seed, the
+drive source, WebSocket and WebRTC hand-off, all reused) around a `RemoteSession` in place of a local `Session`:
+
+- LMDM motion: a receiver thread asks renderer replicas for frames one segment at a time (a streaming response,
+  routed by the session id as multiplexed model id) and keeps at most `queue_size` batches ahead of the pump.
+  Every item carries the motion state after it; when a replica dies the receiver asks again from the last state
+  received, the next replica rebuilds the session, and the stream goes on with the very codes it would have had.
+- drive motion: each driving frame's code is encoded and rendered by the session's replica (the latest frame
+  wins, as in the single-process server), again retried on another replica when one dies.
+
+Sessions are kept in the SessionStore deployment, not in this process: another ingress replica looks a session
+up there and takes it over (`ClusterSessions.lookup`), motion continuing from the last state saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request, WebSocket  # module level: FastAPI resolves the routes' annotations here
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from ..errors import InputError, LeoError
+from ..io import square_resize
+from .config import ServeConfig
+from .live import LiveSession, SessionOptions
+from .metrics import ServeMetrics
+from .resume import MotionState
+from .sessions import ApiError, SessionManager
+
+log = logging.getLogger("ray.serve")
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this replica is gone or busy": the request is sent again (to another replica)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
+
+    return (RayActorError, ActorUnavailableError, BackPressureError, ReplicaUnavailableError)
+
+
+class RemoteSampler:
+    """An LMDM sampler chosen by a session; sampling happens on the replicas (each has the LMDM)."""
+
+    def __init__(self, name: str, steps: int):
+        from ..schedulers import SAMPLERS
+
+        if name not in SAMPLERS:
+            raise InputError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        self.name, self.steps = name, int(steps)
+
+
+class _SourceFacts:
+    def __init__(self, alpha_src: torch.Tensor):
+        self.alpha_src = alpha_src  # (1, D): what relative drive mode adds back (docs/ARCHITECTURE.md §2.5)
+
+
+# ------------------------------------------------------------------------------------------- remote session
+
+
+class RemoteSession:
+    """What LiveSession and DriveSource need of a Session (stream, encode_motion, relative_alpha, state, size,
+    close), with the frames made by renderer replicas and every replica failure retried."""
+
+    def __init__(
+        self,
+        sid: str,
+        renderer,
+        store,
+        *,
+        size: int,
+        alpha_src: np.ndarray,
+        segment_frames: int,
+        recovery_timeout_s: float,
+        resume: dict | None = None,
+    ):
+        self.sid, self.size = sid, size
+        self.state = _SourceFacts(torch.from_numpy(np.asarray(alpha_src)))
+        self.segment_frames = segment_frames
+        self.recovery_timeout_s = recovery_timeout_s
+        self.dropped = 0
+        self._handle = renderer.options(multiplexed_model_id=sid)
+        self._streaming = renderer.options(multiplexed_model_id=sid, stream=True)
+        self._store = store
+        self._resume = MotionState.from_dict(resume) if resume else None
+        self._lock = threading.Lock()
+        self._inflight = None
+        self._saving = None  # the last store write, kept until the next one
+        self._last_touch = 0.0
+        # what the cluster did for this session (session info, tests, the benchmark)
+        self.replica: str | None = None
+        self.frames_by_replica: Counter[str] = Counter()
+        self.failures = 0
+        self.recoveries: list[float] = []  # seconds from a replica failure to the next frame
+        self.hops: deque[float] = deque(maxlen=256)  # seconds from a replica's render to this ingress
+
+    # --------------------------------------------------------------------------------------------- Session API
+    def stream(self, codes, *, n_frames=None, batch=8, queue_size=4, policy="block", output="tensor", seed=None, **_):
+        """Frame batches in order, as Session.stream: from an LMDM sampler (segments of frames from replicas, with
+        the motion state carried along) or from an iterable of (n, D) codes (drive)."""
+        if output not in ("tensor", "uint8"):
+            raise InputError(f"output must be 'tensor' or 'uint8', got {output!r}")
+        if isinstance(codes, RemoteSampler):
+            return self._lmdm(codes, n_frames, batch, queue_size, output, seed)
+        return self._driven(codes, n_frames, output)
+
+    def encode_motion(self, images) -> torch.Tensor:
+        images = np.ascontiguousarray(images)
+        return torch.from_numpy(self._call(self._handle.encode_motion, images))
+
+    def relative_alpha(self, state, alpha_drv: torch.Tensor, alpha_start: torch.Tensor) -> torch.Tensor:
+        return alpha_drv - alpha_start + state.alpha_src.to(alpha_drv)
+
+    def close(self) -> None:
+        """Local only: the session stays in the store and on replicas (the manager deletes it there)."""
+        self._cancel()
+
+    # ------------------------------------------------------------------------------------------------- LMDM
+    def _lmdm(self, sampler: RemoteSampler, n_frames, batch, queue_size, output, seed):
+        seed = int(seed) if seed is not None else secrets.randbelow(2**31)
+        resume, self._resume = self._resume, None
+        state = resume if resume is not None and resume.seed == seed else MotionState.initial(seed)
+        inbox: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        stop = threading.Event()
+        rx = threading.Thread(
+            target=self._receive,
+            args=(sampler, state, n_frames, batch, output, inbox, stop),
+            name=f"leo_rt-ray-{self.sid[:8]}",
+            daemon=True,
+        )
+        rx.start()
+        try:
+            while True:
+                item = inbox.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failed):
+                    raise item.exc
+                yield item
+        finally:
+            stop.set()
+            self._cancel()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    inbox.get_nowait()
+            rx.join()
+
+    def _receive(self, sampler, state: MotionState, n_frames, batch, output, inbox: queue.Queue, stop) -> None:
+        """Segments one after the other, each asked from the state after the last item received; a replica
+        failure asks again from there, until recovery_timeout_s has passed without a frame."""
+        retryable, failed_at, wait = _retryable(), None, 0.05
+        start = state.frames
+        try:
+            while not stop.is_set() and (n_frames is None or state.frames - start < n_frames):
+                n = (
+                    self.segment_frames
+                    if n_frames is None
+                    else min(self.segment_frames, n_frames - state.frames + start)
+                )
+                request = {
+                    "state": state.to_dict(),
+                    "frames": n,
+                    "batch": batch,
+                    "sampler": sampler.name,
+                    "steps": sampler.steps,
+                    "output": output,
+                }
+                try:
+                    with self._lock:  # a consumer gone meanwhile has cancelled what was in flight: send nothing
+                        if stop.is_set():
+                            return
+                        response = self._inflight = self._streaming.segment.remote(request)
+                    for item in response:
+                        if failed_at is not None:
+                            self.recoveries.append(time.monotonic() - failed_at)
+                            log.warning(
+                                "session %s: back on %s after %.2f s",
+                                self.sid[:8],
+                                item["replica"],
+                                self.recoveries[-1],
+                            )
+                            failed_at, wait = None, 0.05
+                        self.hops.append(time.time() - item["t_render"])
+                        state = MotionState.from_dict(item["state"])
+                        frames = item["frames"]
+                        self._note(item["replica"], frames.shape[0])
+                        if not _put(inbox, torch.from_numpy(frames) if output == "tensor" else frames, stop):
+                            return
+                except retryable as e:
+                    if stop.is_set():
+                        return
+                    self.failures += 1
+                    if failed_at is None:
+                        failed_at = time.monotonic()
+                        log.warning(
+                            "session %s: replica %s failed (%s); asking another",
+                            self.sid[:8],
+                            self.replica,
+                            type(e).__name__,
+                        )
+                    if time.monotonic() - failed_at > self.recovery_timeout_s:
+                        raise LeoError(
+                            f"no renderer replica took session {self.sid} over within "
+                            f"{self.recovery_timeout_s:g} s; is the cluster up?"
+                        ) from e
+                    time.sleep(wait)
+                    wait = min(2 * wait, 1.0)
+                    continue
+                finally:
+                    with self._lock:
+                        self._inflight = None
+                self._save(state)
+            _put(inbox, _END, stop)
+        except BaseException as e:  # handed to the consumer (a cancelled request after stop is no error)
+            if not stop.is_set():
+                _put(inbox, _Failed(e), stop)
+
+    def _note(self, replica: str, n: int) -> None:
+        self.replica = replica
+        self.frames_by_replica[replica] += n
+        now = time.monotonic()
+        if now - self._last_touch > 5.0:  # other ingress replicas see the session as active
+            self._last_touch = now
+            self._saving = self._store.touch.remote(self.sid)
+
+    def _save(self, state: MotionState) -> None:
+        self._saving = self._store.save_motion.remote(self.sid, state.to_dict(), self.stats())
+
+    def stats(self) -> dict:
+        hops = sorted(self.hops)
+        q = (lambda p: round(1e3 * hops[min(len(hops) - 1, int(p * len(hops)))], 2)) if hops else (lambda p: None)
+        return {
+            "replica": self.replica,
+            "frames_by_replica": dict(self.frames_by_replica),
+            "failures": self.failures,
+            "recoveries_s": [round(r, 3) for r in self.recoveries],
+            "hop_ms": {"p50": q(0.5), "p95": q(0.95)},  # replica render → this ingress
+        }
+
+    def _cancel(self) -> None:
+        with self._lock:
+            response, self._inflight = self._inflight, None
+        if response is not None:
+            response.cancel()
+
+    # ------------------------------------------------------------------------------------------------ drive
+    def _driven(self, codes, n_frames, output):
+        emitted = 0
+        for alpha in codes:
+            if n_frames is not None:
+                alpha = alpha[: n_frames - emitted]
+            out = self._call(self._handle.render, alpha.detach().float().cpu().numpy(), output)
+            self._note(out["replica"], out["frames"].shape[0])
+            emitted += out["frames"].shape[0]
+            yield torch.from_numpy(out["frames"]) if output == "tensor" else out["frames"]
+            if n_frames is not None and emitted >= n_frames:
+                return
+
+    def _call(self, method, *args):
+        """method.remote(*args).result(), sent again while replicas fail (up to recovery_timeout_s)."""
+        retryable, failed_at, wait = _retryable(), None, 0.05
+        while True:
+            try:
+                out = method.remote(*args).result()
+                if failed_at is not None:
+                    self.recoveries.append(time.monotonic() - failed_at)
+                return out
+            except retryable as e:
+                self.failures += 1
+                failed_at = failed_at or time.monotonic()
+                if time.monotonic() - failed_at > self.recovery_timeout_s:
+                    raise LeoError(
+                        f"no renderer replica answered for session {self.sid} within "
+                        f"{self.recovery_timeout_s:g} s; is the cluster up?"
+                    ) from e
+                time.sleep(wait)
+                wait = min(2 * wait, 1.0)
+
+
+def _put(inbox: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put, waiting for room while the consumer is there; False once it has gone."""
+    while not stop.is_set():
+        try:
+            inbox.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class ClusterLiveSession(LiveSession):
+    """A LiveSession whose info also says where its frames came from."""
+
+    def info(self) -> dict:
+        return {**super().info(), "cluster": self.session.stats()}
+
+
+# ------------------------------------------------------------------------------------------------- sessions
+
+
+class RemoteEngine:
+    """The facts of the renderer replicas (as the single-process server's Engine), and the handles to them."""
+
+    def __init__(self, info: dict, renderer, store, cluster):
+        self.renderer, self.store, self.cluster = renderer, store, cluster
+        self.size, self.backend_name, self.device, self.weights = (
+            info["size"],
+            info["backend"],
+            info["device"],
+            info["weights"],
+        )
+
+    def sampler(self, name: str, steps: int) -> RemoteSampler:
+        return RemoteSampler(name, steps)
+
+
+class ClusterSessions(SessionManager):
+    """The sessions of one ingress replica, backed by the SessionStore: created here or taken over from another
+    ingress replica on first use; the session limit and idle time are cluster-wide."""
+
+    engine: RemoteEngine
+
+    def get(self, sid: str) -> LiveSession:  # the routes of this app use lookup
+        raise RuntimeError("ClusterSessions.get is not used; await lookup(sid)")
+
+    async def lookup(self, sid: str) -> LiveSession:
+        """The session, from this ingress or taken over from the store; 404 when the store does not have it."""
+        created = await self.engine.store.touch.remote(sid)
+        live = self._sessions.get(sid)
+        if created is None:
+            if live is not None:
+                await self._forget(sid)
+            raise ApiError(
+                404, f"no session {sid!r} (closed, timed out or never created); create one: POST /v1/sessions"
+            )
+        if live is None:
+            record = await self.engine.store.get.remote(sid)
+            if record is None or "opened" not in record:
+                raise ApiError(404, f"no session {sid!r} (closed meanwhile, or still being created)")
+            live = self._sessions.get(sid) or self._add(
+                sid, SessionOptions(**record["options"]), record["opened"], record.get("motion")
+            )
+        return live
+
+    async def create(self, image: np.ndarray, options: SessionOptions) -> LiveSession:
+        cfg, engine = self.config, self.engine
+        sid = secrets.token_urlsafe(12)
+        self._reserved += 1
+        try:
+            record = {"image": square_resize(image, engine.size), "options": asdict(options), "created": time.time()}
+            if await engine.store.reserve.remote(sid, record, cfg.max_sessions) is None:
+                self.metrics.sessions_refused.labels("429").inc()
+                raise ApiError(
+                    429,
+                    f"the cluster is full ({cfg.max_sessions} sessions); retry in {cfg.retry_after_s} s or close one",
+                    {"Retry-After": str(cfg.retry_after_s)},
+                )
+            try:
+                engine.sampler(options.sampler, options.steps)
+                opened = await engine.renderer.options(multiplexed_model_id=sid).open.remote()
+                await engine.store.update.remote(sid, {"opened": opened})  # what another ingress needs to take over
+            except LeoError as e:
+                await engine.store.delete.remote(sid)
+                raise ApiError(422, str(e)) from None
+            except BaseException:
+                await engine.store.delete.remote(sid)
+                raise
+        finally:
+            self._reserved -= 1
+        live = self._add(sid, options, opened, None)
+        self.metrics.sessions_opened.labels(options.motion).inc()
+        return live
+
+    def _add(self, sid: str, options: SessionOptions, opened: dict, motion: dict | None) -> LiveSession:
+        cfg, c = self.config, self.engine.cluster
+        remote = RemoteSession(
+            sid,
+            self.engine.renderer,
+            self.engine.store,
+            size=self.engine.size,
+            alpha_src=opened["alpha_src"],
+            segment_frames=c.segment_frames,
+            recovery_timeout_s=c.recovery_timeout_s,
+            resume=motion,
+        )
+        remote.replica = opened["replica"]
+        live = ClusterLiveSession(
+            sid,
+            remote,
+            options,
+            sampler=self.engine.sampler(options.sampler, options.steps) if options.motion == "lmdm" else None,
+            batch=cfg.batch,
+            queue_size=cfg.queue_size,
+            max_pixels=cfg.max_pixels,
+            on_frame=lambda f, live_id=sid: self._frame_sent(live_id),
+        )
+        self._sessions[sid] = live
+        self.metrics.sessions.set(len(self._sessions))
+        return live
+
+    async def close(self, sid: str, reason: str) -> bool:
+        """Close the session here and everywhere: the store forgets it and its replica frees its source."""
+        here = await super().close(sid, reason)
+        existed = await self.engine.store.delete.remote(sid)
+        if existed:
+            with contextlib.suppress(Exception):  # the replica's LRU frees it anyway
+                await self.engine.renderer.options(multiplexed_model_id=sid).release.remote(sid)
+        return here or existed
+
+    async def _forget(self, sid: str) -> None:
+        """Drop this ingress's copy of a session without closing it in the cluster."""
+        live = self._sessions.pop(sid, None)
+        if live is not None:
+            self.metrics.sessions.set(len(self._sessions))
+            live.stop()
+            if live.peer is not None:
+                with contextlib.suppress(Exception):
+                    await live.peer.close()
+            await asyncio.to_thread(live.close)
+
+    async def sweep(self) -> None:
+        """Sessions idle (no client) past the timeout: closed when idle in the whole cluster, else only
+        forgotten here (another ingress replica serves them)."""
+        now, timeout = time.monotonic(), self.config.idle_timeout_s
+        for sid, live in list(self._sessions.items()):
+            if live.client is not None or now - live.last_active <= timeout:
+                continue
+            last = await self.engine.store.last_active.remote(sid)
+            if last is not None and time.time() - last > timeout:
+                await self.close(sid, "idle")
+            else:
+                await self._forget(sid)
+        await self.drain_core()
+
+    async def drain_core(self) -> None:
+        """The replicas' stage timings and batch sizes (each replica's, since any ingress last asked)."""
+        renderer = self.engine.renderer
+        if not hasattr(renderer, "broadcast"):  # Ray without broadcast: Serve's own metrics only
+            return
+        with contextlib.suppress(Exception):
+            results = await renderer.broadcast("drain_stats").results_async(return_exceptions=True)
+            for r in results:
+                if not isinstance(r, BaseException):
+                    self.metrics.record_core(*r)
+
+
+# ------------------------------------------------------------------------------------------------------ app
+
+
+def build_ingress_app(renderer, store, info: dict, cluster, *, name: str = "ingress"):
+    """The FastAPI app of an ingress replica: the routes of `leo-rt serve` (leo_rt/serve/app.py) over
+    ClusterSessions, whose lookups may take a session over from the store (hence `await manager.lookup`)."""
+    from . import app as single
+
+    cfg: ServeConfig = cluster.serve
+    engine = RemoteEngine(info, renderer, store, cluster)
+    metrics = ServeMetrics()
+    manager = ClusterSessions(engine, cfg, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(manager.housekeeping())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for sid in list(manager._sessions):  # the cluster keeps them: another ingress takes them over
+                await manager._forget(sid)
+
+    app = FastAPI(title="leo_rt serve (Ray)", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.manager, app.state.metrics, app.state.config = engine, manager, metrics, cfg
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return single.error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return single.error_response(ApiError(e.status_code, str(e.detail), dict(e.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
+        return single.error_response(ApiError(422, "invalid request: " + "; ".join(parts)))
+
+    def authorize(conn, allow_query: bool = False) -> None:
+        if cfg.token is None:
+            return
+        header = conn.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else None
+        if given is None and allow_query:
+            given = conn.query_params.get("token")
+        if given is None or not secrets.compare_digest(given.encode(), cfg.token.encode()):
+            raise ApiError(
+                401, "missing or wrong bearer token; send 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"}
+            )
+
+    from importlib import resources
+
+    static = resources.files("leo_rt.serve") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse((static / "index.html").read_text())
+
+    with contextlib.suppress(RuntimeError):  # the page's assets, once the serve extra ships them
+        app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {
+            "status": "ok",
+            "sessions": await store.count.remote(),
+            "max_sessions": cfg.max_sessions,
+            "size": engine.size,
+            "backend": engine.backend_name,
+            "device": engine.device,
+            "weights": engine.weights,
+            "auth": cfg.token is not None,
+            "time": time.time(),
+            "ingress": name,
+            "local_sessions": len(manager),
+        }
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        authorize(request)
+        await manager.drain_core()
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(request: Request):
+        authorize(request)
+        try:
+            data, options = await single.read_session_form(request, cfg)
+            image = await asyncio.to_thread(single.decode_source, data, cfg)
+        except ApiError as e:
+            metrics.sessions_refused.labels(str(e.status)).inc()
+            raise
+        live = await manager.create(image, options)
+        links = {
+            "self": f"/v1/sessions/{live.id}",
+            "webrtc": f"/v1/sessions/{live.id}/webrtc",
+            "stream": f"/v1/sessions/{live.id}/stream",
+        }
+        body = {**live.info(), "links": links, "ingress": name}
+        return JSONResponse(body, status_code=201, headers={"Location": links["self"]})
+
+    @app.get("/v1/sessions/{sid}")
+    async def session_info(sid: str, request: Request):
+        authorize(request)
+        info = (await manager.lookup(sid)).info()
+        if info["client"] is None:  # streamed through another ingress replica: what it saved last
+            info["cluster"] = await store.stats.remote(sid) or info["cluster"]
+        return {**info, "ingress": name}
+
+    @app.delete("/v1/sessions/{sid}", status_code=204)
+    async def delete_session(sid: str, request: Request):
+        authorize(request)
+        await manager.lookup(sid)
+        await manager.close(sid, "deleted")
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions/{sid}/control")
+    async def control(sid: str, request: Request):
+        authorize(request)
+        live = await manager.lookup(sid)
+        if single.apply_control(live, await single.read_json(request)) == "stop":
+            await manager.close(sid, "stopped")
+            return {"id": sid, "closed": True}
+        return live.info()
+
+    @app.post("/v1/sessions/{sid}/webrtc")
+    async def webrtc(sid: str, request: Request):
+        from .webrtc import answer
+
+        authorize(request)
+        live = await manager.lookup(sid)
+        offer = await single.read_json(request)
+        if not isinstance(offer.get("sdp"), str) or offer.get("type") != "offer":
+            raise ApiError(422, 'send the SDP offer as {"sdp": "...", "type": "offer"}')
+        manager.claim(live, "webrtc")
+        try:
+            return await answer(manager, live, offer["sdp"], "offer", cfg.ice_servers)
+        except BaseException:
+            await manager.close(sid, "error")
+            raise
+
+    @app.websocket("/v1/sessions/{sid}/stream")
+    async def stream(ws: WebSocket, sid: str):
+        fmt = ws.query_params.get("format", "jpeg")
+        try:
+            authorize(ws, allow_query=True)
+            if fmt not in ("jpeg", "raw"):
+                raise ApiError(422, f"format must be jpeg or raw, got {fmt!r}")
+            live = await manager.lookup(sid)
+            manager.claim(live, "websocket")
+        except ApiError as e:
+            await single.deny(ws, e)
+            return
+        await ws.accept()
+        await single.serve_websocket(ws, live, fmt, manager)
+
+    return app
