@@ -107,8 +107,9 @@ class Animator:
 
     def relative_alpha(self, source: SourceState, alpha_drv: torch.Tensor, alpha_start: torch.Tensor) -> torch.Tensor:
         """Relative reenactment as in the published demo: alpha = alpha_drv − alpha_start + alpha_src."""
-        alpha_drv = alpha_drv.to(device=self.device, dtype=self.dtype)
-        return alpha_drv - alpha_start.to(alpha_drv) + source.alpha_src
+        from .runner import relative_alpha
+
+        return relative_alpha(source, alpha_drv, alpha_start)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save in leo_rt's format (directory with model.safetensors + config.json); round-trips exactly."""

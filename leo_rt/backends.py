@@ -434,22 +434,15 @@ def open_runner(
         dtype = precision.dtype if spec.eager_precision else torch.float32
         animator = load_animator(checkpoint, size=size, device=dev, dtype=dtype)
     if engines_dir is not None:
-        _check_engines(engines_dir, animator)
+        _check_engines(engines_dir, animator, checkpoint)
     return make_backend(name, animator, checkpoint, engines_dir, log, precision), name
 
 
-def _check_engines(engines_dir: Path, animator: Animator) -> None:
-    """Refuse an engines folder exported from another checkpoint (its manifest records the state-dict hash)."""
-    from .export import read_manifest, state_dict_hash
+def _check_engines(engines_dir: Path, animator: Animator, checkpoint=None) -> None:
+    """Refuse an engines folder exported from another checkpoint (hash cached by path, size and mtime)."""
+    from .export import check_engines
 
-    recorded = read_manifest(engines_dir).get("checkpoint_sha256")
-    if recorded is not None and recorded.split("+")[0] != state_dict_hash(animator.state_dict()):
-        from .errors import ManifestError
-
-        raise ManifestError(
-            f"{engines_dir} was exported from another checkpoint (recorded hash {recorded[:12]}…); re-export it "
-            "with `leo-rt export --checkpoint CKPT --out DIR` or pass the checkpoint it was made from"
-        )
+    check_engines(engines_dir, checkpoint if checkpoint is not None else animator)
 
 
 def _engines_checkpoint(engines_dir: Path):

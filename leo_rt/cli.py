@@ -455,10 +455,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pathlib import Path
 
     from .bench import plot, print_table, run_bench
-    from .files import atomic_path
+    from .files import write_json
     from .timing import keep_heap_memory
 
     keep_heap_memory()
@@ -474,8 +473,7 @@ def cmd_bench(args) -> int:
     )
     print_table(result)
     if args.json:
-        with atomic_path(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {plot(result, args.plot)}")

@@ -19,7 +19,6 @@ stops early, or a generator that is closed or garbage-collected.
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections import deque
@@ -32,7 +31,7 @@ from .animator import Animator
 from .core import FrameCore, SourceHandle, check_codes, first_nonfinite_row, images_on, ready
 from .errors import InputError, LeoError
 from .fast import SourceState
-from .io import load_image, square_resize, to_model
+from .io import prepare_image
 from .precision import Precision
 from .runner import Runner
 
@@ -119,10 +118,7 @@ class Session:
     def start(self, image) -> SourceState:
         """Encode the source once: a (1, 3, S, S) tensor in [-1, 1], a uint8 (H, W, 3) array, or an image path."""
         self._check_open()
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image, self.size)
-        elif isinstance(image, np.ndarray):
-            image = to_model(square_resize(image, self.size))
+        image = prepare_image(image, self.size)  # paths, uint8 arrays, tensors: checked, small sources warned
         handle = self.core.add_source(image)
         if self.handle is not None:
             self.core.remove_source(self.handle)
