@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InputError
-from .exporter import FORMATS, OPSET, ExportedStage, export_stages
+from .exporter import FORMATS, OPSET, ExportedStage, check_formats, export_stages
 from .manifest import (
     ManifestError,
     artifact_lock,
@@ -48,8 +48,9 @@ def export_checkpoint(
 ) -> dict:
     """Export every stage of an animator checkpoint (and of an LMDM, when given). ONNX files are always fp32
     (TensorRT applies fp16/bf16 when it builds from them); AOTInductor packages use `precision`. On CUDA the
-    renderer's packages hold the Triton warp op, which only a Python process can run; `decomposed_warp=True`
-    exports standard aten ops instead, for the C++ runner (on CPU the warp is always decomposed).
+    renderer's packages hold the fused Triton warp kernel, compiled into the package (a triton_op, so the C++ runner
+    needs no Python); `decomposed_warp=True` exports standard aten ops instead (on CPU the warp is always
+    decomposed).
     `onnx_warp_node=True` writes the renderer's warp as one `leo_rt::WarpBlend` node in the ONNX files (for a
     runtime that implements it, e.g. a TensorRT plugin) instead of standard GridSample and element-wise ops."""
     import torch
@@ -63,6 +64,7 @@ def export_checkpoint(
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if max_batch < 1:
         raise InputError(f"max_batch must be at least 1, got {max_batch}")
+    check_formats(tuple(formats), onnx_warp_node)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     groups = [(tuple(f for f in formats if f != "aoti"), "fp32"), (tuple(f for f in formats if f == "aoti"), precision)]
 
@@ -88,9 +90,12 @@ def export_checkpoint(
                     stages["lmdm_denoiser"] = lmdm_stage(lmdm, max_batch)
                     lmdm_digest = lmdm_digest or state_dict_hash(lmdm.state_dict())
                     full = f"{digest}+{lmdm_digest}"
-                fused = anim.device.type == "cuda" and kernels_enabled() and triton_available()
-                warp = "onnx-node" if onnx_warp_node and "onnx" in fmts else "triton-op" if fused else "decomposed"
-                with onnx_custom_op(onnx_warp_node and "onnx" in fmts):
+                if "aoti" in fmts:  # the packages hold the Triton op on CUDA (unless told to decompose)
+                    fused = anim.device.type == "cuda" and kernels_enabled() and triton_available()
+                    warp = "triton-op" if fused else "decomposed"
+                else:  # ONNX (and the TensorRT engines built from it): decomposed always, or one custom node
+                    warp = "onnx-node" if onnx_warp_node else "decomposed"
+                with onnx_custom_op(warp == "onnx-node"):
                     manifest = export_stages(
                         stages,
                         out_dir,

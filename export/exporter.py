@@ -98,6 +98,18 @@ def export_aoti(module: torch.nn.Module, spec: StageSpec, path: Path) -> None:
         torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
 
 
+def check_formats(formats: tuple[str, ...], onnx_warp_node: bool = False) -> None:
+    """Refuse unknown formats, and TensorRT with the warp as one custom ONNX node (no plugin implements it)."""
+    bad = set(formats) - set(FORMATS)
+    if bad:
+        raise InputError(f"unknown export formats {sorted(bad)}; choose from {FORMATS}")
+    if "trt" in formats and onnx_warp_node:
+        raise InputError(
+            "--onnx-warp-node writes the warp as one leo_rt::WarpBlend node, which TensorRT cannot build (leo_rt has "
+            "no TensorRT plugin for it); export TensorRT engines without --onnx-warp-node"
+        )
+
+
 def export_stages(
     stages: dict[str, tuple[torch.nn.Module, StageSpec]],
     out_dir: str | os.PathLike,
@@ -113,14 +125,7 @@ def export_stages(
     """Export every stage to every format into out_dir, skipping artifacts whose file still matches the manifest
     and whose recorded checkpoint, precision, batch profile and versions are those asked for. Returns the
     manifest."""
-    bad = set(formats) - set(FORMATS)
-    if bad:
-        raise InputError(f"unknown export formats {sorted(bad)}; choose from {FORMATS}")
-    if "trt" in formats and (extra or {}).get("warp") == "onnx-node":
-        raise InputError(
-            "--onnx-warp-node writes the warp as one leo_rt::WarpBlend node, which TensorRT cannot build (leo_rt has "
-            "no TensorRT plugin for it); export TensorRT engines without --onnx-warp-node"
-        )
+    check_formats(formats, onnx_warp_node=(extra or {}).get("warp") == "onnx-node")
     if "trt" in formats and "onnx" not in formats:
         formats = ("onnx", *formats)  # engines are built from the ONNX files
     out_dir = Path(out_dir)
@@ -206,12 +211,21 @@ class ExportedStage:
 
             self._session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             self._inputs = [i.name for i in self._session.get_inputs()]
+            if sorted(self._inputs) != sorted(self.entry["inputs"]):  # the manifest keeps its keys sorted
+                recorded = sorted(self.entry["inputs"])
+                raise ManifestError(
+                    f"{path} takes inputs {self._inputs} but its manifest entry records {recorded}: the file and "
+                    "the manifest disagree; re-export with --force"
+                )
         elif fmt == "aoti":
             self._runner = torch._inductor.aoti_load_package(path)
         else:
             raise InputError(f"ExportedStage runs onnx or aoti artifacts; use export.tensorrt.TRTEngine for {fmt}")
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        names = list(self.entry["inputs"])
+        if len(inputs) != len(names):
+            raise InputError(f"{self.name} takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
         batch = inputs[0].shape[0]
         lo, hi = self.entry["batch"]["min"], self.entry["batch"]["max"]
         if not lo <= batch <= hi:  # checked here: the packages' own input checks are not to be relied on

@@ -15,7 +15,6 @@ $LEO_RT_CACHE (default ~/.cache/leo_rt/engines). Every backend runs on the frame
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +59,11 @@ class _Wrapped:
     @property
     def device(self) -> torch.device:
         return self.animator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the runner computes in (the frame core checks it against its precision)."""
+        return self.animator.dtype
 
     def encode_source(self, images: torch.Tensor) -> SourceState:
         return self.animator.encode_source(images)
@@ -146,6 +150,10 @@ class ExportedBackend(_Wrapped):
         self._max = self._render.entry["batch"]["max"]
         self._dtype = Precision.parse(self._render.entry["precision"]).dtype
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype  # the artifacts' precision (the eager animator beside them stays fp32)
+
     def _in(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self._dev, self._dtype).contiguous()  # the stages take contiguous NCHW tensors
 
@@ -182,7 +190,7 @@ class TensorRTBackend(_Wrapped):  # pragma: no cover - needs TensorRT and a GPU;
             entry = verify_artifact(engines_dir, f"{stage}/trt", {"size": animator.size})
             onnx_file = verify_artifact(engines_dir, f"{stage}/onnx")["file"]
             self._engines[stage] = TRTEngine(engines_dir / entry["file"], engines_dir / onnx_file)
-            self._engines[stage].allocate()
+            self._engines[stage].allocate(1 if stage == "source_encoder" else None)  # one source per stream
 
     def _run(self, stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feeds = {k: v.to("cuda", torch.float32).contiguous() for k, v in feeds.items()}
@@ -233,35 +241,23 @@ class BackendSpec:
     verified: bool = True  # has run where leo_rt is tested; `auto` picks only verified backends
 
 
-def _have_cxx() -> bool:
-    import shutil
+def _needs(feature: str, refuse: Callable[[torch.device], str | None] | None = None):
+    """A backend's `why_not`: its own refusal first, then the missing prerequisites of `feature` (compilers,
+    Python.h, CUDA toolkit, libcuda, packages: leo_rt.prereqs), joined into one line that names each fix."""
+    from . import prereqs
 
-    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    def why_not(device: torch.device) -> str | None:
+        problems = [refuse(device)] if refuse is not None and refuse(device) else []
+        problems += prereqs.check(feature, device)
+        return "; ".join(problems) or None
+
+    return why_not
 
 
-def _needs_compiler(device: torch.device) -> str | None:
-    if device.type == "cpu" and not _have_cxx():
-        return "torch.compile on CPU needs a C++ compiler (install g++)"
-    return None
-
-
-def _needs_onnxruntime(device: torch.device) -> str | None:
-    has = importlib.util.find_spec
-    if has("onnxruntime") is None or has("onnx") is None or has("onnxscript") is None:
-        return "needs onnxruntime, onnx and onnxscript (pip install onnxruntime onnx onnxscript)"
+def _onnxruntime_on_cpu(device: torch.device) -> str | None:
     if device.type == "cuda":
         return "this leo_rt runs ONNX Runtime on CPU only; use the compile backend on CUDA"
     return None
-
-
-def _needs_aoti(device: torch.device) -> str | None:
-    return None if device.type == "cuda" or _have_cxx() else "AOTInductor on CPU needs a C++ compiler (g++)"
-
-
-def _needs_tensorrt(device: torch.device) -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "needs NVIDIA TensorRT 10 (pip install tensorrt) and a CUDA GPU"
-    return None if device.type == "cuda" else "TensorRT needs a CUDA device"
 
 
 def _engines_for(req: BuildRequest, fmt: str) -> Path:
@@ -301,38 +297,38 @@ def _tensorrt(req: BuildRequest) -> TensorRTBackend:  # pragma: no cover - needs
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("torch", "the eager fast form", lambda req: req.animator, lambda d: None),
+        BackendSpec("torch", "the eager fast form", lambda req: req.animator, _needs("torch")),
         BackendSpec(
             "compile",
             "torch.compile, buckets of 1…32 frames, CUDA graphs on CUDA",
             lambda req: CompileBackend(req.animator),
-            _needs_compiler,
+            _needs("compile"),
         ),
         BackendSpec(
             "compile-no-graphs",
             "torch.compile without CUDA graphs (fallback)",
             lambda req: CompileBackend(req.animator, cuda_graphs=False),
-            _needs_compiler,
+            _needs("compile"),
         ),
         BackendSpec(
             "onnxruntime",
             "exported ONNX stages in ONNX Runtime (CPU)",
             _onnxruntime,
-            _needs_onnxruntime,
+            _needs("onnxruntime", _onnxruntime_on_cpu),
             eager_precision=False,
         ),  # fmt: skip
         BackendSpec(
             "aoti",
             "exported AOTInductor packages",
             lambda req: ExportedBackend("aoti", req.animator, _engines_for(req, "aoti"), "aoti"),
-            _needs_aoti,
+            _needs("aoti"),
             eager_precision=False,
         ),
         BackendSpec(
             "tensorrt",
             "TensorRT 10 engines (unverified, opt-in)",
             _tensorrt,
-            _needs_tensorrt,
+            _needs("tensorrt"),
             eager_precision=False,
             verified=False,
         ),  # fmt: skip
@@ -355,7 +351,11 @@ def choose_backend(name: str, device: torch.device | str) -> str:
     status = backend_status(device)
     if name == "auto":
         order = PREFERENCE.get(device.type, ("torch",))
-        return next(b for b in order if status.get(b) is None and BACKENDS[b].verified)
+        usable = [b for b in order if status.get(b) is None and BACKENDS[b].verified]
+        if not usable:
+            reasons = "; ".join(f"{b}: {status[b]}" for b in order)
+            raise BackendUnavailable(f"no backend can run on {device}: {reasons}")
+        return usable[0]
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or auto")
     if status[name] is not None:

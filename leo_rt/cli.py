@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--decomposed-warp",
         action="store_true",
-        help="on CUDA, export the warp as standard ops (for the C++ runner) instead of the Triton op",
+        help="on CUDA, export the warp as standard ops instead of the fused Triton kernel (compiled into the package)",
     )
     p.add_argument(
         "--onnx-warp-node",
@@ -230,7 +230,7 @@ def _write_stream(frames, out: str, fps: float, total: int | None, timer, quiet:
     bar = _progress(total, quiet or not sys.stderr.isatty())
     with bar, VideoWriter(out, fps) as writer:
         for batch in frames:
-            with timer.stage("write", len(batch)):
+            with timer.stage("write", len(batch), host=True):
                 writer.write(batch)
             bar.update(len(batch))
     return writer.frames
@@ -480,12 +480,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _found(tool: str | None, runs: bool) -> str:
+    if tool is None:
+        return "not found"
+    return tool if runs else f"{tool} (does not run)"
+
+
 def cmd_doctor(args) -> int:
     import importlib
     import platform
     import shutil
     import subprocess
 
+    from . import prereqs
     from .backends import backend_status
 
     print(f"python      {platform.python_version()} on {platform.machine()}, {torch.get_num_threads()} torch threads")
@@ -513,9 +520,26 @@ def cmd_doctor(args) -> int:
         devices.append("cuda")
     else:
         print("cuda        no CUDA device visible")
+    found = prereqs.describe()
+    print(f"c compiler  {_found(found['c_compiler'], found['c_compiler_runs'])} (Triton's launcher on CUDA)")
+    cxx = _found(found["cxx_compiler"], found["cxx_compiler_runs"])
+    print(f"c++         {cxx} (torch.compile on CPU, AOTInductor)")
+    print(f"Python.h    {'found' if found['python_h'] else 'missing'} in {found['python_include']}")
+    toolkit = "none found" if not found["cuda_home"] else found["cuda_home"]
+    if found["cuda_home"] and not found["cuda_home_headers"]:
+        toolkit += " (without cuda.h / cuda_runtime_api.h)"
+    if not found["cuda_home_headers"] and found["pip_cuda_homes"]:
+        toolkit += f"; pip's toolkit: export CUDA_HOME={found['pip_cuda_homes'][0]}"
+    print(f"CUDA_HOME   {toolkit} (CUDA AOTInductor)")
+    print(f"nvcc        {found['nvcc'] or 'not found (not needed)'}")
+    print(f"libcuda     so.1 in {', '.join(found['libcuda_so_1_dirs']) or 'no folder found'}; "
+          f"link name libcuda.so in {', '.join(found['libcuda_so_link_dirs']) or 'no folder found'}")  # fmt: skip
+    if torch.cuda.is_available():
+        print(f"TF32        cuDNN {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32} "
+              "(leo_rt turns it off for fp32 calls; --precision tf32 turns it on)")  # fmt: skip
     for dev in devices:
         for name, why in backend_status(dev).items():
-            print(f"backend     {name:<12} {dev:<5} {'available' if why is None else 'unavailable: ' + why}")
+            print(f"backend     {name:<17} {dev:<5} {'available' if why is None else 'unavailable: ' + why}")
     return 0
 
 

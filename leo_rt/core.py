@@ -294,6 +294,18 @@ class _RenderRequest:
     output: str  # "tensor" (device tensor) or "uint8" (host (n, S, S, 3) array)
 
 
+def _check_precision(runner: Runner, precision: Precision) -> None:
+    """A runner built by the caller computes in its own dtype: a precision that says otherwise would be a lie."""
+    dtype = getattr(runner, "dtype", None)  # runners that do not say (TensorRT engines) are taken as they are
+    if dtype is not None and dtype != precision.dtype:
+        have, want = (str(d).removeprefix("torch.") for d in (dtype, precision.dtype))
+        raise InputError(
+            f"precision {precision.value} was asked for, but the runner computes in {have}: pass "
+            f"precision={Precision.parse(dtype).value!r}, or load the model in {want} (load_animator(..., dtype=...), "
+            "or a checkpoint path with precision=...)"
+        )
+
+
 class FrameCore:
     """One runner behind the process's device worker, many sources, one batched multi-source render step."""
 
@@ -310,6 +322,7 @@ class FrameCore:
             raise InputError(f"max_batch must be ≥ 1 and max_wait_ms ≥ 0, got {max_batch} and {max_wait_ms}")
         self.runner = runner
         self.precision = Precision.parse(precision)
+        _check_precision(runner, self.precision)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1e3
         self.name = name or type(runner).__name__

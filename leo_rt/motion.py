@@ -9,12 +9,24 @@ smoothly. Each chunk after the first adds chunk − 1 − overlap new codes. Mem
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from .errors import InputError
 from .lmdm import LMDM
 from .schedulers import make_scheduler, randn_rows
+
+
+@dataclass
+class MotionChain:
+    """Where a stream of chunks stands: the codes its next chunk is conditioned on and the generator it samples
+    with. `MotionSampler.stream` updates the chain it is given before handing out each chunk, so a stream stopped
+    after any chunk goes on later, even elsewhere, with exactly the codes it would have had."""
+
+    tail: torch.Tensor  # (B, K, D): the start code (K = 1) before the first chunk, then the last 1 + overlap codes
+    generator: torch.Generator | None = None
+    first: bool = True  # no chunk sampled yet: the first one is emitted whole, starting with the start code
 
 
 class MotionSampler:
@@ -90,9 +102,16 @@ class MotionSampler:
         x[:, :k] = x0_known
         return alpha_1[:, None] + x * m.data_std[: self.chunk]
 
+    def chain(self, alpha_start: torch.Tensor, seed: int | None = None) -> MotionChain:
+        """Where a stream starting with alpha_start (B, D) stands before its first chunk."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.model.data_std.device).manual_seed(seed)
+        return MotionChain(alpha_start[:, None].to(self.model.data_std), gen)
+
     def stream(
         self,
-        alpha_start: torch.Tensor,
+        alpha_start: torch.Tensor | MotionChain,
         n_codes: int | None = None,
         overlap: int = 0,
         seed: int | None = None,
@@ -100,25 +119,28 @@ class MotionSampler:
     ) -> Iterator[torch.Tensor]:
         """Codes (B, n, D) chunk by chunk, starting with alpha_start (B, D) itself, without end when n_codes is
         None. Sampling is reproducible for a given seed on a given device. `sample(known, generator)` samples one
-        chunk (default: this sampler's sample_chunk; a frame core passes its batched one)."""
+        chunk (default: this sampler's sample_chunk; a frame core passes its batched one). alpha_start may be a
+        MotionChain instead (where an earlier stream stood, or `chain()`): the stream goes on from it with its
+        generator (seed must be None), and keeps it up to date."""
         if n_codes is not None and n_codes < 1:
             raise InputError(f"the number of codes must be at least 1, got {n_codes}")
         sample = sample or self.sample_chunk
         top = min(self.chunk - 2, self.model.cfg.max_prefix - 1)
         if not 0 <= overlap <= top:
             raise InputError(f"overlap must be between 0 and {top} for this LMDM, got {overlap}")
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.model.data_std.device).manual_seed(seed)
-        emitted = 0
-        tail = alpha_start[:, None].to(self.model.data_std)  # the last codes emitted so far
-        first = True
+        if isinstance(alpha_start, MotionChain):
+            if seed is not None:
+                raise InputError("a MotionChain carries its own generator; pass seed=None with it")
+            chain = alpha_start
+        else:
+            chain = self.chain(alpha_start, seed)
+        k, emitted = 1 + overlap, 0
         while n_codes is None or emitted < n_codes:
-            codes = sample(tail[:, -(1 + overlap) :] if not first else tail, gen)
-            new = codes if first else codes[:, 1 + overlap :]
-            first = False
+            codes = sample(chain.tail if chain.first else chain.tail[:, -k:], chain.generator)
+            new = codes if chain.first else codes[:, k:]
             if n_codes is not None:
                 new = new[:, : n_codes - emitted]
             emitted += new.shape[1]
-            tail = torch.cat([tail, new], dim=1)[:, -(1 + overlap) :]
+            chain.tail = torch.cat([chain.tail, new], dim=1)[:, -k:]
+            chain.first = False
             yield new

@@ -232,7 +232,10 @@ def _cuda_device_problems(device: torch.device) -> list[str]:
 
 
 def _kernels_on() -> bool:
-    return os.environ.get("LEO_RT_KERNELS", "1").lower() not in ("0", "off", "false", "no")
+    """The eager renderer's switch for the Triton kernels (LEO_RT_KERNELS, or set_kernels_enabled at run time)."""
+    from .kernels.warp import kernels_enabled
+
+    return kernels_enabled()
 
 
 def check(feature: str, device: str | torch.device = "cpu") -> list[str]:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,64 +53,94 @@ def time_calls(fn: Callable[[], object], n: int, device: torch.device | str = "c
 
 
 _RESOLVE_EVERY = 64  # pending CUDA event pairs that trigger a non-blocking resolve
+WINDOW = 4096  # calls per stage kept for the quantiles: an endless stream keeps no growing history
 
 
 @dataclass
 class StageTimer:
     """Collects durations per named stage. On CUDA each stage is timed with a pair of CUDA events recorded on the
-    current stream (no host sync inside the stage); the events are read when the summary is asked for."""
+    current stream (no host sync inside the stage); finished events are read every _RESOLVE_EVERY stages without
+    waiting, and all of them when the summary is asked for. Totals count every call; the quantiles come from the
+    last WINDOW calls of each stage, so memory stays bounded however long the stream runs."""
 
     device: torch.device | str = "cpu"
-    records: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    records: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+    totals: dict[str, list[float]] = field(default_factory=dict)  # stage → [calls, frames, seconds]
     pending: list[tuple[str, object, object, int]] = field(default_factory=list)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)  # writers time too
 
     @contextmanager
-    def stage(self, name: str, frames: int = 1):
-        if torch.device(self.device).type == "cuda":
+    def stage(self, name: str, frames: int = 1, host: bool = False):
+        """Time the block as stage `name` of `frames` frames; `host=True` for host work (writing files), timed by
+        the clock even on CUDA, where device stages are timed by events on the current stream."""
+        if not host and torch.device(self.device).type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
             end.record()
-            self.pending.append((name, start, end, frames))
-            if len(self.pending) >= _RESOLVE_EVERY:
-                self._resolve(block=False)  # an endless stream must not keep every event
+            with self._lock:
+                self.pending.append((name, start, end, frames))
+                if len(self.pending) >= _RESOLVE_EVERY:
+                    self._resolve(block=False)  # an endless stream must not keep every event
             return
         t0 = time.perf_counter()
         yield
-        self.records.setdefault(name, []).append((time.perf_counter() - t0, frames))
+        self._add(name, time.perf_counter() - t0, frames)
+
+    def _add(self, name: str, seconds: float, frames: int) -> None:
+        with self._lock:
+            self.records.setdefault(name, deque(maxlen=WINDOW)).append((seconds, frames))
+            total = self.totals.setdefault(name, [0, 0, 0.0])
+            total[0] += 1
+            total[1] += frames
+            total[2] += seconds
 
     def _resolve(self, block: bool = True) -> None:
         """Move finished event pairs (all of them when `block`, waiting for each) into the records, in order."""
-        done = 0
-        for name, start, end, frames in self.pending:
-            if block:
-                end.synchronize()
-            elif not end.query():
-                break
-            self.records.setdefault(name, []).append((start.elapsed_time(end) / 1e3, frames))
-            done += 1
-        del self.pending[:done]
+        with self._lock:
+            done = 0
+            for name, start, end, frames in self.pending:
+                if block:
+                    end.synchronize()
+                elif not end.query():
+                    break
+                self._add(name, start.elapsed_time(end) / 1e3, frames)
+                done += 1
+            del self.pending[:done]
 
     def reset(self) -> None:
         """Forget every timing so far (pending CUDA timings are waited for and dropped)."""
         self._resolve()
-        self.records.clear()
+        with self._lock:
+            self.records.clear()
+            self.totals.clear()
 
     def resolve(self) -> None:
         """Wait for the pending CUDA timings and move them into the records (summary() does this itself)."""
         self._resolve()
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per stage: calls, frames, total seconds, ms per frame, p50/p95 of the per-call ms per frame and
-        frames per second."""
+    def drain(self) -> list[tuple[str, float, int]]:
+        """The calls timed since the last drain, [(stage, seconds, frames)], taken out of the quantile window (the
+        totals keep them). For a consumer that aggregates on its own, e.g. the server's metrics."""
         self._resolve()
+        with self._lock:
+            out = [(name, t, f) for name, recs in self.records.items() for t, f in recs]
+            for recs in self.records.values():
+                recs.clear()
+        return out
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per stage: calls, frames, total seconds, ms per frame (over every call), p50/p95 of the per-call ms per
+        frame (over the last WINDOW calls) and frames per second."""
+        self._resolve()
+        with self._lock:
+            totals = {name: tuple(t) for name, t in self.totals.items()}
+            windows = {name: list(recs) for name, recs in self.records.items()}
         out = {}
-        for name, recs in self.records.items():
-            per_frame = sorted(1e3 * t / max(n, 1) for t, n in recs)
-            total = sum(t for t, _ in recs)
-            frames = sum(n for _, n in recs)
+        for name, (calls, frames, total) in totals.items():
+            per_frame = sorted(1e3 * t / max(n, 1) for t, n in windows.get(name, ()))
             out[name] = {
-                "calls": len(recs),
+                "calls": calls,
                 "frames": frames,
                 "total_s": total,
                 "ms_per_frame": 1e3 * total / max(frames, 1),

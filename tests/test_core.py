@@ -1,5 +1,6 @@
 """The frame core: one device worker per process and device, coalesced multi-source renders and LMDM chunks."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from conftest import make_lia, random_images
 from leo_rt import Animator
-from leo_rt.backends import BACKENDS, PREFERENCE, choose_backend
+from leo_rt.backends import BACKENDS, PREFERENCE, BackendUnavailable, choose_backend
 from leo_rt.core import DeviceWorker, FrameCore
 from leo_rt.errors import InputError
 from leo_rt.lmdm import LMDM, LMDMConfig
@@ -168,16 +169,25 @@ def test_precision_means_what_it_says_on_the_worker(core):
 def test_auto_follows_the_preference_order_and_never_picks_unverified(monkeypatch):
     assert choose_backend("auto", "cpu") == "torch"
     assert PREFERENCE["cuda"][0] == "compile"
-    # on a CUDA device (the check does not need one) compile comes first while it is available …
+
+    def available(name, why=None):  # the registry entry with its prerequisites met (or not): no CUDA needed
+        spec = BACKENDS[name]
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(spec, why_not=lambda d: why))
+
+    available("compile")
+    available("torch")
+    # on a CUDA device compile comes first while it is available …
     assert choose_backend("auto", "cuda") == "compile"
     # … and torch when it is not
-    spec = BACKENDS["compile"]
-    monkeypatch.setitem(BACKENDS, "compile", type(spec)(spec.name, spec.summary, spec.factory, lambda d: "no"))
+    available("compile", "no")
     assert choose_backend("auto", "cuda") == "torch"
+    available("torch", "no either")
+    with pytest.raises(BackendUnavailable, match="no backend can run on cuda: compile: no; torch: no either"):
+        choose_backend("auto", "cuda")
+    available("torch")
     # an unverified backend is never chosen by auto even when listed first and available
-    trt = BACKENDS["tensorrt"]
-    monkeypatch.setitem(BACKENDS, "tensorrt", type(trt)(trt.name, trt.summary, trt.factory, lambda d: None,
-                                                        verified=False))  # fmt: skip
+    available("tensorrt")
+    assert not BACKENDS["tensorrt"].verified
     monkeypatch.setitem(PREFERENCE, "cuda", ("tensorrt", "compile", "torch"))
     assert choose_backend("auto", "cuda") == "torch"
 

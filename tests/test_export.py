@@ -9,6 +9,7 @@ import torch
 
 from conftest import make_lia, rel_err
 from leo_rt.cli import main
+from leo_rt.errors import InputError
 from leo_rt.export import ExportedStage, ManifestError, animator_stages, export_checkpoint, lmdm_stage
 from leo_rt.lmdm import LMDM, LMDMConfig, save_lmdm
 
@@ -267,6 +268,11 @@ def test_onnx_warp_node_option(exported, tmp_path):
     with pytest.raises(ValueError, match="WarpBlend.*--onnx-warp-node"):
         refuse_custom_nodes(tmp_path / "node" / "renderer.onnx")
     refuse_custom_nodes(tmp_path / "node" / "motion_encoder.onnx")  # standard ops only: accepted
+    # TensorRT alone (its ONNX files are written as a step) is refused too, before anything is written
+    for fmts in (("trt",), ("onnx", "trt")):
+        with pytest.raises(InputError, match="TensorRT cannot build"):
+            export_checkpoint(d / "anim.pt", tmp_path / "trt", formats=fmts, max_batch=4, onnx_warp_node=True)
+        assert not (tmp_path / "trt" / "renderer.onnx").exists()
 
 
 class _WarpProbe(torch.nn.Module):
@@ -334,3 +340,24 @@ def test_tensorrt_batch_split_and_alignment_helpers():
     codes = buf[k : k + 160].view(8, 20)
     assert is_aligned(codes)
     assert not is_aligned(codes[1:])  # a row slice starts 80 bytes further: TensorRT needs a staging copy
+
+
+def test_exported_stage_checks_its_inputs_against_the_manifest(exported, tmp_path):
+    import shutil
+
+    from leo_rt.export import update_manifest
+
+    d, _ = exported
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    stage = ExportedStage(out, "renderer", "onnx")
+    with pytest.raises(InputError, match=r"renderer takes 5 inputs \(alpha, .*styles0\), got 1"):
+        stage(torch.zeros(1, 20))
+
+    def rename(m):  # a manifest whose record no longer matches the file's input names
+        inputs = m["artifacts"]["renderer/onnx"]["inputs"]
+        m["artifacts"]["renderer/onnx"]["inputs"] = {("codes" if k == "alpha" else k): v for k, v in inputs.items()}
+
+    update_manifest(out, rename)
+    with pytest.raises(ManifestError, match=r"takes inputs \['alpha', .*records \['codes', .*re-export with --force"):
+        ExportedStage(out, "renderer", "onnx")

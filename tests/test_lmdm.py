@@ -121,6 +121,25 @@ def test_seeded_streams_are_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("overlap", [0, 3])
+def test_a_stream_goes_on_from_its_chain(overlap):
+    """Stopped after any chunk, a stream continued from its MotionChain gives the codes of one uninterrupted
+    stream, bit for bit."""
+    model = LMDM(LMDMConfig.from_name("lmdm-tiny"))
+    with torch.no_grad():
+        model.out.weight.normal_(0, 0.1)
+    s = MotionSampler(model, "ddim", 2)
+    start = torch.randn(1, 20, generator=torch.Generator().manual_seed(1))
+    want = torch.cat(list(s.stream(start, 60, overlap, seed=3)), 1)
+    chain = s.chain(start, seed=3)
+    it = s.stream(chain, overlap=overlap)
+    got = [next(it), next(it)]  # the chain now stands after two chunks; this stream is dropped there
+    got += s.stream(chain, 60 - sum(c.shape[1] for c in got), overlap)
+    assert torch.equal(torch.cat(got, 1), want)
+    with pytest.raises(ValueError, match="carries its own generator"):
+        next(s.stream(chain, 10, seed=3))
+
+
 def test_files_and_bad_inputs(tmp_path):
     m = LMDM(LMDMConfig.from_name("lmdm-tiny"))
     save_lmdm(m, tmp_path / "ok")

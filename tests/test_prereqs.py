@@ -147,7 +147,9 @@ def test_kernels_off_drop_the_eager_renderers_triton_needs(bare_env, monkeypatch
     pytest.importorskip("triton")
     on = prereqs.check("torch", "cuda")
     assert any("C compiler" in p and "LEO_RT_KERNELS=0" in p for p in on)
-    monkeypatch.setenv("LEO_RT_KERNELS", "0")
+    from leo_rt.kernels import warp
+
+    monkeypatch.setitem(warp._STATE, "enabled", False)  # what LEO_RT_KERNELS=0 sets at import
     assert not any("C compiler" in p for p in prereqs.check("torch", "cuda"))
 
 
@@ -156,3 +158,46 @@ def test_describe_lists_what_was_found():
     for key in ("c_compiler", "cxx_compiler", "python_h", "cuda_home", "pip_cuda_homes", "nvcc", "libcuda_so_1_dirs"):
         assert key in info
     assert info["python_include"] == str(prereqs.python_include())
+
+
+# ------------------------------------------------------------------------ the backend registry and `leo-rt doctor`
+
+
+def test_registry_reports_a_missing_compiler_instead_of_failing_later(bare_env):
+    from leo_rt.backends import BackendUnavailable, backend_status, choose_backend
+
+    status = backend_status("cpu")
+    assert status["torch"] is None  # the eager renderer compiles nothing
+    for name in ("compile", "compile-no-graphs", "aoti"):
+        assert "g++" in status[name] and "CXX" in status[name], (name, status[name])
+    fix = r"'compile' is not available on cpu: .*install g\+\+.*Available: torch"
+    with pytest.raises(BackendUnavailable, match=fix):
+        choose_backend("compile", "cpu")
+    assert choose_backend("auto", "cpu") == "torch"
+
+
+def test_registry_without_cuda_names_the_reason_for_every_backend():
+    import torch
+
+    from leo_rt.backends import BackendUnavailable, backend_status, choose_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    for name, why in backend_status("cuda").items():
+        assert why is not None and "no CUDA device" in why, (name, why)
+    with pytest.raises(BackendUnavailable, match="no backend can run on cuda: compile: torch sees no CUDA device"):
+        choose_backend("auto", "cuda")
+
+
+def test_doctor_reports_prerequisites_and_unavailable_backends(bare_env, capsys):
+    from leo_rt.cli import main
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    lines = {line[:12].strip(): line[12:] for line in out.splitlines()}
+    assert lines["c++"].startswith("not found") and lines["c compiler"].startswith("not found")
+    assert lines["CUDA_HOME"].startswith(prereqs.cuda_home() or "none found")  # /usr/local/cuda where it exists
+    python_h = "found" if (prereqs.python_include() / "Python.h").is_file() else "missing"
+    assert lines["Python.h"].startswith(python_h)
+    compile_cpu = [line for line in out.splitlines() if line.split()[1:3] == ["compile", "cpu"]]
+    assert len(compile_cpu) == 1 and "unavailable: " in compile_cpu[0] and "install g++" in compile_cpu[0]

@@ -208,3 +208,13 @@ def test_auto_and_unavailable_backends(ckpt):
         s = Session(ckpt, backend="torch")
         s.start(random_images(1, 32))
         s.stream(iter(_codes(2)), policy="newest")
+
+
+def test_a_precision_the_runner_does_not_compute_in_is_refused(ckpt):
+    fp32 = Animator(make_lia("lia-32-tiny", seed=1))
+    with pytest.raises(InputError, match=r"precision fp16 was asked for, but the runner computes in float32.*'fp32'"):
+        Session(fp32, precision="fp16")
+    with Session(fp32, precision="tf32") as s:  # TF32 stores fp32: only the math mode differs
+        assert s.precision.value == "tf32"
+    with Session(ckpt, backend="torch", precision="bf16") as s:  # a checkpoint is loaded in the precision asked for
+        assert s.backend.dtype == torch.bfloat16 and s.precision.value == "bf16"

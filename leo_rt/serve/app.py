@@ -22,7 +22,6 @@ import os
 import secrets
 import struct
 import tempfile
-import time
 from importlib import resources
 
 import numpy as np
@@ -49,19 +48,24 @@ CONTROLS = ("pause", "resume", "seed", "recenter", "stop")
 
 
 def create_app(
-    core: FrameCore | Engine,
+    core: FrameCore | Engine | SessionManager,
     *,
     lmdm: LMDM | None = None,
     config: ServeConfig | None = None,
     owns_engine: bool = False,
     log=None,
+    title: str = "leo_rt serve",
 ):
     """The FastAPI app serving sessions on an existing frame core (or an Engine). The core is the caller's to
-    close unless `owns_engine`; every session, stream and peer connection is closed when the app shuts down."""
-    cfg = config or ServeConfig()
-    engine = core if isinstance(core, Engine) else Engine(core, lmdm, log=log)
-    metrics = ServeMetrics()
-    manager = SessionManager(engine, cfg, metrics)
+    close unless `owns_engine`; every session, stream and peer connection is closed when the app shuts down.
+    `core` may instead be a session manager, which brings its engine, config and metrics: the Ray ingress passes
+    one whose sessions live in the cluster (leo_rt.serve.remote)."""
+    if isinstance(core, SessionManager):
+        manager = core
+    else:
+        engine = core if isinstance(core, Engine) else Engine(core, lmdm, log=log)
+        manager = SessionManager(engine, config or ServeConfig(), ServeMetrics())
+    engine, cfg, metrics = manager.engine, manager.config, manager.metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -72,11 +76,11 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await manager.close_all("shutdown")
+            await manager.shutdown()
             if owns_engine:
                 engine.close()
 
-    app = FastAPI(title="leo_rt serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title=title, version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.manager, app.state.metrics, app.state.config = engine, manager, metrics, cfg
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -122,22 +126,12 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
-        return {
-            "status": "ok",
-            "sessions": len(manager),
-            "max_sessions": cfg.max_sessions,
-            "size": engine.size,
-            "backend": engine.backend_name,
-            "device": str(engine.device),
-            "weights": engine.weights,
-            "auth": cfg.token is not None,
-            "time": time.time(),
-        }
+        return await manager.health()
 
     @app.get("/metrics")
     async def prometheus(request: Request):
-        authorize(request)  # core timings arrive within a second or so (housekeeping); never waits on the device
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        authorize(request)
+        return Response(await manager.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------------------------------------------ sessions
     @app.post("/v1/sessions", status_code=201)
@@ -150,32 +144,31 @@ def create_app(
             metrics.sessions_refused.labels(str(e.status)).inc()
             raise
         live = await manager.create(image, options)
-        body = {
-            **live.info(),
-            "links": {
-                "self": f"/v1/sessions/{live.id}",
-                "webrtc": f"/v1/sessions/{live.id}/webrtc",
-                "stream": f"/v1/sessions/{live.id}/stream",
-            },
+        links = {
+            "self": f"/v1/sessions/{live.id}",
+            "webrtc": f"/v1/sessions/{live.id}/webrtc",
+            "stream": f"/v1/sessions/{live.id}/stream",
         }
-        return JSONResponse(body, status_code=201, headers={"Location": body["links"]["self"]})
+        body = {**live.info(), "links": links, **manager.labels}
+        return JSONResponse(body, status_code=201, headers={"Location": links["self"]})
 
     @app.get("/v1/sessions/{sid}")
     async def session_info(sid: str, request: Request):
         authorize(request)
-        return manager.get(sid).info()
+        live = await manager.lookup(sid)
+        return {**await manager.session_info(live), **manager.labels}
 
     @app.delete("/v1/sessions/{sid}", status_code=204)
     async def delete_session(sid: str, request: Request):
         authorize(request)
-        manager.get(sid)
+        await manager.lookup(sid)
         await manager.close(sid, "deleted")
         return Response(status_code=204)
 
     @app.post("/v1/sessions/{sid}/control")
     async def control(sid: str, request: Request):
         authorize(request)
-        live = manager.get(sid)
+        live = await manager.lookup(sid)
         cmd = await read_json(request)
         if apply_control(live, cmd) == "stop":
             await manager.close(sid, "stopped")
@@ -187,7 +180,7 @@ def create_app(
         from .webrtc import answer
 
         authorize(request)
-        live = manager.get(sid)
+        live = await manager.lookup(sid)
         offer = await read_json(request)
         if not isinstance(offer.get("sdp"), str) or offer.get("type") != "offer":
             raise ApiError(422, 'send the SDP offer as {"sdp": "...", "type": "offer"}')
@@ -205,7 +198,7 @@ def create_app(
             authorize(ws, allow_query=True)
             if fmt not in ("jpeg", "raw"):
                 raise ApiError(422, f"format must be jpeg or raw, got {fmt!r}")
-            live = manager.get(sid)
+            live = await manager.lookup(sid)
             manager.claim(live, "websocket")
         except ApiError as e:
             await deny(ws, e)

@@ -13,15 +13,16 @@ Three deployments make one Serve application (`build_app`, leo_rt/serve/deployme
   store: the source image is encoded again and motion goes on from the state the request carries.
   Frames of all sessions of a replica are batched by its FrameCore (not `@serve.batch`, which splits batches by
   multiplexed model id since Ray 2.5x).
-- **Ingress** (one or more replicas): the HTTP/WebSocket API of `leo-rt serve` (leo_rt/serve/app.py helpers,
-  LiveSession pacing and controls). It asks a replica for frames one *segment* at a time, as a streaming response
-  whose every item carries the motion state after it; when a replica dies mid-segment the ingress asks again
-  from the last state it received, any replica rebuilds the session, and the client sees a pause, not an error.
+- **Ingress** (one or more replicas): the HTTP/WebSocket API of `leo-rt serve` (leo_rt/serve/app.py's app over
+  sessions kept in the cluster; LiveSession pacing and controls). It asks a replica for frames one *segment* at a
+  time, as a streaming response whose every item carries the motion state after it; when a replica dies
+  mid-segment the ingress asks again from the last state it received, any replica rebuilds the session, and the
+  client sees a pause, not an error.
 - **SessionStore** (one small replica): each session's source image (at the model size), options and last
   motion state, outside any ingress's memory, so another ingress replica can take a session over.
 
 Modules: this one (the config and the entry points; imports Ray only when run), `deployments` (the three
-deployments), `remote` (the ingress's sessions and routes), `resume` (LMDM motion that goes on anywhere).
+deployments), `remote` (the ingress's sessions), `resume` (LMDM motion that goes on anywhere).
 
 Multi-node: `ray start --head` on one machine, `ray start --address HEAD:6379` on each GPU machine, then
 `serve deploy deploy/serve_config.yaml` (or `leo-rt serve --ray HEAD:6379`). See deploy/serve_config.yaml.

@@ -145,15 +145,7 @@ class Engine:
         device worker, between device calls, so nothing is lost to a race."""
 
         def drain():
-            timer = self.core.timer
-            resolve = getattr(timer, "_resolve", None)  # CUDA event timings → records (StageTimer has no drain())
-            if resolve is not None:
-                resolve()
-            stages = []
-            for name, recs in list(timer.records.items()):
-                n = len(recs)
-                stages.extend((name, t, f) for t, f in recs[:n])
-                del recs[:n]
+            stages = self.core.timer.drain()  # pending CUDA event timings resolved first
             sizes = self.core.batch_sizes
             n = len(sizes)
             batches = sizes[:n]

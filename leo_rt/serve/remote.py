@@ -28,14 +28,10 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request, WebSocket  # module level: FastAPI resolves the routes' annotations here
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException
 
 from ..errors import InputError, LeoError
 from ..io import square_resize
+from .app import create_app
 from .config import ServeConfig
 from .live import LiveSession, SessionOptions
 from .metrics import ServeMetrics
@@ -340,7 +336,11 @@ class ClusterSessions(SessionManager):
 
     engine: RemoteEngine
 
-    def get(self, sid: str) -> LiveSession:  # the routes of this app use lookup
+    def __init__(self, engine: RemoteEngine, config: ServeConfig, metrics: ServeMetrics, name: str):
+        super().__init__(engine, config, metrics)
+        self.labels = {"ingress": name}
+
+    def get(self, sid: str) -> LiveSession:  # the routes use lookup
         raise RuntimeError("ClusterSessions.get is not used; await lookup(sid)")
 
     async def lookup(self, sid: str) -> LiveSession:
@@ -361,6 +361,25 @@ class ClusterSessions(SessionManager):
                 sid, SessionOptions(**record["options"]), record["opened"], record.get("motion")
             )
         return live
+
+    async def session_info(self, live: LiveSession) -> dict:
+        info = live.info()
+        if info["client"] is None:  # streamed through another ingress replica: what it saved last
+            info["cluster"] = await self.engine.store.stats.remote(live.id) or info["cluster"]
+        return info
+
+    async def health(self) -> dict:
+        """The cluster's session count (the store's), and this ingress replica's own."""
+        return {
+            **await super().health(),
+            "sessions": await self.engine.store.count.remote(),
+            **self.labels,
+            "local_sessions": len(self),
+        }
+
+    async def metrics_text(self) -> str:
+        await self.drain_core()  # the replicas' timings up to now, not as of the last housekeeping round
+        return await super().metrics_text()
 
     async def create(self, image: np.ndarray, options: SessionOptions) -> LiveSession:
         cfg, engine = self.config, self.engine
@@ -427,6 +446,11 @@ class ClusterSessions(SessionManager):
                 await self.engine.renderer.options(multiplexed_model_id=sid).release.remote(sid)
         return here or existed
 
+    async def shutdown(self) -> None:
+        """Only this ingress replica stops: the cluster keeps the sessions, another ingress takes them over."""
+        for sid in list(self._sessions):
+            await self._forget(sid)
+
     async def _forget(self, sid: str) -> None:
         """Drop this ingress's copy of a session without closing it in the cluster."""
         live = self._sessions.pop(sid, None)
@@ -468,168 +492,7 @@ class ClusterSessions(SessionManager):
 
 
 def build_ingress_app(renderer, store, info: dict, cluster, *, name: str = "ingress"):
-    """The FastAPI app of an ingress replica: the routes of `leo-rt serve` (leo_rt/serve/app.py) over
-    ClusterSessions, whose lookups may take a session over from the store (hence `await manager.lookup`)."""
-    from . import app as single
-
-    cfg: ServeConfig = cluster.serve
+    """The FastAPI app of an ingress replica: the app of `leo-rt serve` (leo_rt.serve.app) over ClusterSessions."""
     engine = RemoteEngine(info, renderer, store, cluster)
-    metrics = ServeMetrics()
-    manager = ClusterSessions(engine, cfg, metrics)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        task = asyncio.create_task(manager.housekeeping())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            for sid in list(manager._sessions):  # the cluster keeps them: another ingress takes them over
-                await manager._forget(sid)
-
-    app = FastAPI(title="leo_rt serve (Ray)", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine, app.state.manager, app.state.metrics, app.state.config = engine, manager, metrics, cfg
-    if cfg.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(cfg.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return single.error_response(e)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        return single.error_response(ApiError(e.status_code, str(e.detail), dict(e.headers or {})))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors()]
-        return single.error_response(ApiError(422, "invalid request: " + "; ".join(parts)))
-
-    def authorize(conn, allow_query: bool = False) -> None:
-        if cfg.token is None:
-            return
-        header = conn.headers.get("authorization", "")
-        given = header[7:].strip() if header[:7].lower() == "bearer " else None
-        if given is None and allow_query:
-            given = conn.query_params.get("token")
-        if given is None or not secrets.compare_digest(given.encode(), cfg.token.encode()):
-            raise ApiError(
-                401, "missing or wrong bearer token; send 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"}
-            )
-
-    from importlib import resources
-
-    static = resources.files("leo_rt.serve") / "static"
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return HTMLResponse((static / "index.html").read_text())
-
-    with contextlib.suppress(RuntimeError):  # the page's assets, once the serve extra ships them
-        app.mount("/static", StaticFiles(directory=str(static)), name="static")
-
-    @app.get("/healthz")
-    async def healthz():
-        return {
-            "status": "ok",
-            "sessions": await store.count.remote(),
-            "max_sessions": cfg.max_sessions,
-            "size": engine.size,
-            "backend": engine.backend_name,
-            "device": engine.device,
-            "weights": engine.weights,
-            "auth": cfg.token is not None,
-            "time": time.time(),
-            "ingress": name,
-            "local_sessions": len(manager),
-        }
-
-    @app.get("/metrics")
-    async def prometheus(request: Request):
-        authorize(request)
-        await manager.drain_core()
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.post("/v1/sessions", status_code=201)
-    async def create_session(request: Request):
-        authorize(request)
-        try:
-            data, options = await single.read_session_form(request, cfg)
-            image = await asyncio.to_thread(single.decode_source, data, cfg)
-        except ApiError as e:
-            metrics.sessions_refused.labels(str(e.status)).inc()
-            raise
-        live = await manager.create(image, options)
-        links = {
-            "self": f"/v1/sessions/{live.id}",
-            "webrtc": f"/v1/sessions/{live.id}/webrtc",
-            "stream": f"/v1/sessions/{live.id}/stream",
-        }
-        body = {**live.info(), "links": links, "ingress": name}
-        return JSONResponse(body, status_code=201, headers={"Location": links["self"]})
-
-    @app.get("/v1/sessions/{sid}")
-    async def session_info(sid: str, request: Request):
-        authorize(request)
-        info = (await manager.lookup(sid)).info()
-        if info["client"] is None:  # streamed through another ingress replica: what it saved last
-            info["cluster"] = await store.stats.remote(sid) or info["cluster"]
-        return {**info, "ingress": name}
-
-    @app.delete("/v1/sessions/{sid}", status_code=204)
-    async def delete_session(sid: str, request: Request):
-        authorize(request)
-        await manager.lookup(sid)
-        await manager.close(sid, "deleted")
-        return Response(status_code=204)
-
-    @app.post("/v1/sessions/{sid}/control")
-    async def control(sid: str, request: Request):
-        authorize(request)
-        live = await manager.lookup(sid)
-        if single.apply_control(live, await single.read_json(request)) == "stop":
-            await manager.close(sid, "stopped")
-            return {"id": sid, "closed": True}
-        return live.info()
-
-    @app.post("/v1/sessions/{sid}/webrtc")
-    async def webrtc(sid: str, request: Request):
-        from .webrtc import answer
-
-        authorize(request)
-        live = await manager.lookup(sid)
-        offer = await single.read_json(request)
-        if not isinstance(offer.get("sdp"), str) or offer.get("type") != "offer":
-            raise ApiError(422, 'send the SDP offer as {"sdp": "...", "type": "offer"}')
-        manager.claim(live, "webrtc")
-        try:
-            return await answer(manager, live, offer["sdp"], "offer", cfg.ice_servers)
-        except BaseException:
-            await manager.close(sid, "error")
-            raise
-
-    @app.websocket("/v1/sessions/{sid}/stream")
-    async def stream(ws: WebSocket, sid: str):
-        fmt = ws.query_params.get("format", "jpeg")
-        try:
-            authorize(ws, allow_query=True)
-            if fmt not in ("jpeg", "raw"):
-                raise ApiError(422, f"format must be jpeg or raw, got {fmt!r}")
-            live = await manager.lookup(sid)
-            manager.claim(live, "websocket")
-        except ApiError as e:
-            await single.deny(ws, e)
-            return
-        await ws.accept()
-        await single.serve_websocket(ws, live, fmt, manager)
-
-    return app
+    manager = ClusterSessions(engine, cluster.serve, ServeMetrics(), name)
+    return create_app(manager, title="leo_rt serve (Ray)")

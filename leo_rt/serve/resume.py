@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..motion import MotionChain
 
 
 @dataclass
@@ -65,27 +66,22 @@ class _Chunk:
 
 
 class ResumableMotion:
-    """An iterable of (n, D) LMDM code chunks starting at `state`, for `Session.stream`. It samples through the
-    frame core (`core.sample_chunk`, batched with the other streams of the replica, each with its own generator)
-    and chains chunks exactly as `MotionSampler.stream`. `advance(n)`, called by the consumer as frames come out
-    (in order), returns the state after them. The frame loop pulls codes ahead of the frames it delivers, in its
-    own thread; each chunk is recorded before it is handed out, so `advance` always finds it."""
+    """An iterable of (n, D) LMDM code chunks starting at `state`, for `Session.stream`. Its chunks are those of
+    `MotionSampler.stream` continued from the state, sampled through the frame core (`core.sample_chunk`, batched
+    with the other streams of the replica, each with its own generator). `advance(n)`, called by the consumer as
+    frames come out (in order), returns the state after them. The frame loop pulls codes ahead of the frames it
+    delivers, in its own thread; each chunk is recorded before it is handed out, so `advance` always finds it."""
 
     def __init__(self, core, sampler, state: MotionState, alpha_src: torch.Tensor, overlap: int = 0):
-        model = sampler.model
-        top = min(sampler.chunk - 2, model.cfg.max_prefix - 1)
-        if not 0 <= overlap <= top:
-            raise InputError(f"overlap must be between 0 and {top} for this LMDM, got {overlap}")
-        dev, dt = model.data_std.device, model.data_std.dtype
         self.core, self.sampler, self.overlap, self.seed = core, sampler, overlap, state.seed
-        self.gen = torch.Generator(device=dev)
         if state.first:
-            self.gen.manual_seed(state.seed)
-            self.tail = alpha_src[:1].to(dev, dt)[:, None]  # (1, 1, D): the source's own code, as Session.stream
+            self.chain = sampler.chain(alpha_src[:1], state.seed)  # from the source's own code, as Session.stream
         else:
-            self.gen.set_state(torch.from_numpy(np.ascontiguousarray(state.rng)))
-            self.tail = torch.from_numpy(np.ascontiguousarray(state.tail)).to(dev, dt)[None]  # (1, K, D)
-        self.first = state.first
+            model = sampler.model
+            gen = torch.Generator(device=model.data_std.device)
+            gen.set_state(torch.from_numpy(np.ascontiguousarray(state.rng)))
+            tail = torch.from_numpy(np.ascontiguousarray(state.tail)).to(model.data_std)[None]  # (1, K, D)
+            self.chain = MotionChain(tail, gen, first=False)
         self._pending = state.pending if state.pending is not None and len(state.pending) else None
         self._start = MotionState(state.seed, state.frames, state.first, state.tail, state.rng, None)
         self._chunks: deque[_Chunk] = deque()
@@ -99,17 +95,11 @@ class ResumableMotion:
             codes = torch.from_numpy(np.ascontiguousarray(self._pending))
             self._record(codes, self._start)
             yield codes
-        k = 1 + self.overlap
-        while True:
-            known = self.tail if self.first else self.tail[:, -k:]
-            codes = self.core.sample_chunk(self.sampler, known, self.gen).result()  # (1, L, D)
-            new = codes if self.first else codes[:, k:]
-            self.first = False
-            self.tail = torch.cat([self.tail, new], dim=1)[:, -k:]
-            after = MotionState(
-                self.seed, 0, False, self.tail[0].cpu().numpy(), self.gen.get_state().numpy().copy(), None
-            )
-            self._record(new[0], after)
+        chain = self.chain
+        sample = lambda known, gen: self.core.sample_chunk(self.sampler, known, gen).result()  # noqa: E731
+        for new in self.sampler.stream(chain, overlap=self.overlap, sample=sample):  # (1, n, D)
+            tail, rng = chain.tail[0].cpu().numpy(), chain.generator.get_state().numpy().copy()
+            self._record(new[0], MotionState(self.seed, 0, False, tail, rng, None))
             yield new[0]
 
     def _record(self, codes: torch.Tensor, after: MotionState) -> None:

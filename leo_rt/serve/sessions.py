@@ -25,7 +25,11 @@ class ApiError(Exception):
 
 
 class SessionManager:
-    """All sessions of one server. Touched only on the event loop (blocking work goes to threads)."""
+    """All sessions of one server. Touched only on the event loop (blocking work goes to threads). The routes
+    (leo_rt.serve.app) use the async methods, which a manager whose sessions live elsewhere overrides
+    (leo_rt.serve.remote.ClusterSessions)."""
+
+    labels: dict[str, str] = {}  # added to the answers about sessions: which server gave them
 
     def __init__(self, engine: Engine, config: ServeConfig, metrics: ServeMetrics):
         self.engine, self.config, self.metrics = engine, config, metrics
@@ -44,6 +48,34 @@ class SessionManager:
         if live is None:
             raise ApiError(404, f"no session {sid!r} (closed, timed out or never made); create one: POST /v1/sessions")
         return live
+
+    async def lookup(self, sid: str) -> LiveSession:
+        """The session, or a 404."""
+        return self.get(sid)
+
+    async def session_info(self, live: LiveSession) -> dict:
+        """What GET /v1/sessions/{id} answers."""
+        return live.info()
+
+    async def health(self) -> dict:
+        """What /healthz answers."""
+        e, cfg = self.engine, self.config
+        return {
+            "status": "ok",
+            "sessions": len(self),
+            "max_sessions": cfg.max_sessions,
+            "size": e.size,
+            "backend": e.backend_name,
+            "device": str(e.device),
+            "weights": e.weights,
+            "auth": cfg.token is not None,
+            "time": time.time(),
+        }
+
+    async def metrics_text(self) -> str:
+        """What /metrics answers. Never waits on the device: housekeeping brings the core's timings in within a
+        second or so."""
+        return self.metrics.render()
 
     async def create(self, image: np.ndarray, options: SessionOptions) -> LiveSession:
         cfg = self.config
@@ -119,6 +151,10 @@ class SessionManager:
         await asyncio.gather(*(self.close(sid, reason) for sid in list(self._sessions)))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """The server is stopping: close every session."""
+        await self.close_all("shutdown")
 
     async def housekeeping(self, period_s: float = 1.0) -> None:
         """Forever: close sessions idle past the timeout; move the core's timings into the metrics (one drain in
