@@ -160,3 +160,25 @@ def trained_lmdm(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return data, model, out, losses
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(folder, export log): a lia-32-tiny checkpoint (anim.pt), an lmdm-tiny (lmdm/) and every stage exported to
+    ONNX and AOTInductor (out/, max batch 6), once per test session (AOTInductor compiles are the suite's slowest
+    step). Tests must not change the folder (copy it first)."""
+    from leo_rt.export import export_checkpoint
+    from leo_rt.lmdm import LMDM, LMDMConfig, save_lmdm
+
+    d = tmp_path_factory.mktemp("export")
+    torch.save({"gen": make_lia("lia-32-tiny", seed=4).state_dict()}, d / "anim.pt")
+    lmdm = LMDM(LMDMConfig.from_name("lmdm-tiny"))
+    with torch.no_grad():  # move every weight off its init (the output conv starts at zero)
+        for p in lmdm.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    save_lmdm(lmdm, d / "lmdm")
+    log = []
+    export_checkpoint(
+        d / "anim.pt", d / "out", lmdm_dir=d / "lmdm", formats=("onnx", "aoti"), max_batch=6, log=log.append
+    )
+    return d, log
