@@ -11,6 +11,7 @@ preset and videos of a few 32×32 frames, so the whole file stays quick.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -1216,6 +1217,15 @@ def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen, what: str, timeo
         time.sleep(0.01)
 
 
+def _has_bytes(paths) -> bool:
+    """Some file among paths holds bytes (one may vanish between the listing and its stat: the writer's own)."""
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if p.stat().st_size > 0:
+                return True
+    return False
+
+
 def test_ctrl_c_in_reenact(assets, tmp_path, capsys):
     """SIGINT mid-render: exit 130, "interrupted" on one line and no traceback, the previous output kept as it was,
     no temporary file left; a rerun works."""
@@ -1225,8 +1235,7 @@ def test_ctrl_c_in_reenact(assets, tmp_path, capsys):
     old = out.read_bytes()
     ctx = Ctx(assets, tmp_path)
     proc = _popen_cli(ctx.reenact(driving=drv)[0:], tmp_path)
-    partial = lambda: [p for p in out.parent.glob(".o.mp4.*") if p.stat().st_size > 0]  # noqa: E731
-    _wait_for(lambda: bool(partial()), proc, "frames were being written")
+    _wait_for(lambda: _has_bytes(out.parent.glob(".o.mp4.*")), proc, "frames were being written")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
