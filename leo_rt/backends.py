@@ -247,8 +247,8 @@ def _needs(feature: str, refuse: Callable[[torch.device], str | None] | None = N
     from . import prereqs
 
     def why_not(device: torch.device) -> str | None:
-        problems = [refuse(device)] if refuse is not None and refuse(device) else []
-        problems += prereqs.check(feature, device)
+        own = refuse(device) if refuse is not None else None
+        problems = ([own] if own else []) + prereqs.check(feature, device)
         return "; ".join(problems) or None
 
     return why_not

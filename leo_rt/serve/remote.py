@@ -164,7 +164,7 @@ class RemoteSession:
     def _receive(self, sampler, state: MotionState, n_frames, batch, output, inbox: queue.Queue, stop) -> None:
         """Segments one after the other, each asked from the state after the last item received; a replica
         failure asks again from there, until recovery_timeout_s has passed without a frame."""
-        retryable, failed_at, wait = _retryable(), None, 0.05
+        retryable, backoff = _retryable(), _Backoff(self, "took session {sid} over")
         start = state.frames
         try:
             while not stop.is_set() and (n_frames is None or state.frames - start < n_frames):
@@ -187,15 +187,9 @@ class RemoteSession:
                             return
                         response = self._inflight = self._streaming.segment.remote(request)
                     for item in response:
-                        if failed_at is not None:
-                            self.recoveries.append(time.monotonic() - failed_at)
-                            log.warning(
-                                "session %s: back on %s after %.2f s",
-                                self.sid[:8],
-                                item["replica"],
-                                self.recoveries[-1],
-                            )
-                            failed_at, wait = None, 0.05
+                        took = backoff.recovered()
+                        if took is not None:
+                            log.warning("session %s: back on %s after %.2f s", self.sid[:8], item["replica"], took)
                         self.hops.append(time.time() - item["t_render"])
                         state = MotionState.from_dict(item["state"])
                         frames = item["frames"]
@@ -205,22 +199,14 @@ class RemoteSession:
                 except retryable as e:
                     if stop.is_set():
                         return
-                    self.failures += 1
-                    if failed_at is None:
-                        failed_at = time.monotonic()
+                    if backoff.failed(e):
                         log.warning(
                             "session %s: replica %s failed (%s); asking another",
                             self.sid[:8],
                             self.replica,
                             type(e).__name__,
                         )
-                    if time.monotonic() - failed_at > self.recovery_timeout_s:
-                        raise LeoError(
-                            f"no renderer replica took session {self.sid} over within "
-                            f"{self.recovery_timeout_s:g} s; is the cluster up?"
-                        ) from e
-                    time.sleep(wait)
-                    wait = min(2 * wait, 1.0)
+                    backoff.wait()
                     continue
                 finally:
                     with self._lock:
@@ -274,23 +260,52 @@ class RemoteSession:
 
     def _call(self, method, *args):
         """method.remote(*args).result(), sent again while replicas fail (up to recovery_timeout_s)."""
-        retryable, failed_at, wait = _retryable(), None, 0.05
+        retryable, backoff = _retryable(), _Backoff(self, "answered for session {sid}")
         while True:
             try:
                 out = method.remote(*args).result()
-                if failed_at is not None:
-                    self.recoveries.append(time.monotonic() - failed_at)
+                backoff.recovered()
                 return out
             except retryable as e:
-                self.failures += 1
-                failed_at = failed_at or time.monotonic()
-                if time.monotonic() - failed_at > self.recovery_timeout_s:
-                    raise LeoError(
-                        f"no renderer replica answered for session {self.sid} within "
-                        f"{self.recovery_timeout_s:g} s; is the cluster up?"
-                    ) from e
-                time.sleep(wait)
-                wait = min(2 * wait, 1.0)
+                backoff.failed(e)
+                backoff.wait()
+
+
+class _Backoff:
+    """Retries of a session's requests while replicas fail: each failure counted in the session's stats, each
+    recovery timed; waits from 0.05 s doubling to 1 s; gives up recovery_timeout_s after the first failure."""
+
+    def __init__(self, remote, what: str):
+        self.remote, self.what = remote, what
+        self.failed_at: float | None = None
+        self.delay = 0.05
+
+    def failed(self, e: BaseException) -> bool:
+        """Count a failure (True for the first of a run); raise LeoError once the time is up."""
+        r = self.remote
+        r.failures += 1
+        first = self.failed_at is None
+        if first:
+            self.failed_at = time.monotonic()
+        if time.monotonic() - self.failed_at > r.recovery_timeout_s:
+            raise LeoError(
+                f"no renderer replica {self.what.format(sid=r.sid)} within {r.recovery_timeout_s:g} s; "
+                "is the cluster up?"
+            ) from e
+        return first
+
+    def wait(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, 1.0)
+
+    def recovered(self) -> float | None:
+        """After a success: the seconds since the run of failures began (recorded), or None when there was none."""
+        if self.failed_at is None:
+            return None
+        took = time.monotonic() - self.failed_at
+        self.remote.recoveries.append(took)
+        self.failed_at, self.delay = None, 0.05
+        return took
 
 
 def _put(inbox: queue.Queue, item, stop: threading.Event) -> bool:
